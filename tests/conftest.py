@@ -1,0 +1,35 @@
+"""Shared fixtures: the real-data root and small real subsets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path:
+    env = os.environ.get("LIGHTNING_DISTILL_DATA")
+    root = Path(env) if env else REPO.parent / "shared" / "datasets"
+    if not (root / "MNIST" / "raw").is_dir():
+        raise RuntimeError(
+            f"real test data not found under {root}: set LIGHTNING_DISTILL_DATA to the folder holding MNIST/raw "
+            "(CI sets it to ../shared/datasets)"
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """Folder holding MNIST/, FashionMNIST/ and CIFAR10/ (see ../shared/datasets/README.md)."""
+    return _data_root()
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Tests run on 2 cores; keep torch from oversubscribing them.
+    torch.set_num_threads(2)
+    yield
