@@ -1,0 +1,14 @@
+"""Pure maths on tensors and parameter dicts: no Lightning import, no global RNG."""
+
+from lightning_distill.functional.kernels import gram, krr_predict, no_tf32
+from lightning_distill.functional.losses import centred_one_hot, frepo_label_init_scale, half_mse, label_margin_loss
+
+__all__ = [
+    "centred_one_hot",
+    "frepo_label_init_scale",
+    "gram",
+    "half_mse",
+    "krr_predict",
+    "label_margin_loss",
+    "no_tf32",
+]
