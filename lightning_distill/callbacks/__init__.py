@@ -1,0 +1,5 @@
+"""Callbacks (one per file)."""
+
+from lightning_distill.callbacks.export import ExportDistilled
+
+__all__ = ["ExportDistilled"]

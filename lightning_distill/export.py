@@ -1,0 +1,134 @@
+"""The export format: one file per distilled set, written atomically, read with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_distill.synthetic.base import SyntheticSet
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = (
+    "images",
+    "labels",
+    "label_kind",
+    "preprocessing",
+    "dataset",
+    "num_classes",
+    "ipc",
+    "method",
+    "config",
+    "seed",
+    "version",
+)
+
+
+class ExportError(ValueError):
+    """A file that is not a readable lightning-distill export."""
+
+
+def build_export(
+    synthetic: SyntheticSet,
+    data_info: dict[str, Any],
+    method: str,
+    config: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Snapshot a synthetic set into the export dictionary (detached, float32 images, on the CPU).
+
+    Args:
+        synthetic: the set to export.
+        data_info: what the method recorded about the real data (``describe_datamodule``).
+        method: the method's class name.
+        config: the method's configuration (plain values).
+        seed: the seed of the run.
+    """
+    with torch.no_grad():
+        x_syn, y_syn = synthetic()
+    images = x_syn.detach().to("cpu", torch.float32).contiguous()
+    if synthetic.label_kind == "hard":
+        labels = y_syn.detach().to("cpu", torch.int64).contiguous()
+    else:
+        labels = y_syn.detach().to("cpu", torch.float32).contiguous()
+    return {
+        "images": images,
+        "labels": labels,
+        "label_kind": synthetic.label_kind,
+        "preprocessing": data_info.get("preprocessing", {}),
+        "dataset": data_info.get("dataset", "unknown"),
+        "datamodule": data_info.get("datamodule", {}),
+        "class_names": data_info.get("class_names", []),
+        "num_classes": int(synthetic.num_classes),
+        "ipc": int(synthetic.ipc),
+        "method": method,
+        "config": config,
+        "seed": int(seed),
+        "version": FORMAT_VERSION,
+    }
+
+
+def save_distilled(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+
+    A crash mid-write leaves the previous file intact, never a truncated one.
+    """
+    _validate(payload, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_distilled(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an export written by :func:`save_distilled`.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ExportError: the file is corrupt, not an export, or from an unknown format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no distilled set at {path}: pass the distilled.pt written by ExportDistilled")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types on damaged files (RuntimeError, KeyError, UnpicklingError...)
+        raise ExportError(
+            f"{path} is not a readable lightning-distill export ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "the file is corrupt or truncated: export the set again"
+        ) from None
+    _validate(payload, str(path))
+    return payload
+
+
+def _validate(payload: Any, where: str) -> None:
+    if not isinstance(payload, dict):
+        raise ExportError(f"{where} holds a {type(payload).__name__}, not a lightning-distill export dictionary")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise ExportError(f"{where} is not a lightning-distill export: missing {', '.join(missing)}")
+    if payload["version"] > FORMAT_VERSION:
+        raise ExportError(
+            f"{where} has export format {payload['version']}; this lightning-distill reads up to {FORMAT_VERSION}: "
+            "upgrade the package"
+        )
+    images, labels = payload["images"], payload["labels"]
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise ExportError(f"{where}: images must be an (N, C, H, W) tensor")
+    if not isinstance(labels, Tensor) or len(labels) != len(images):
+        raise ExportError(f"{where}: labels must be a tensor with one row per image")
+    if not torch.isfinite(images).all():
+        raise ExportError(f"{where}: images contain NaN or infinity")

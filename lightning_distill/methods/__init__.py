@@ -1,0 +1,6 @@
+"""Distillation methods (one per file)."""
+
+from lightning_distill.methods.base import DistillationMethod, MetaStep
+from lightning_distill.methods.random_subset import RandomSubset
+
+__all__ = ["DistillationMethod", "MetaStep", "RandomSubset"]

@@ -1,0 +1,189 @@
+"""FRePo: dataset distillation by neural feature regression with a model pool.
+
+Zhou, Nezhadarya, Ba, "Dataset Distillation using Neural Feature Regression", NeurIPS 2022
+(official code: github.com/yongchaoz/FRePo, JAX; re-implemented here from the paper's description).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_distill.components.model_pool import ModelPool
+from lightning_distill.functional.kernels import krr_predict
+from lightning_distill.functional.losses import centred_one_hot, half_mse, label_margin_loss
+from lightning_distill.methods.base import DistillationMethod, MetaStep
+from lightning_distill.nets import get_net
+from lightning_distill.optim import LAMB
+from lightning_distill.synthetic.base import SyntheticSet
+
+
+class FRePo(DistillationMethod):
+    """Neural feature regression (FRePo), one outer step per ``training_step``.
+
+    Each step takes the current pool model's features of the real batch (no gradient) and of the synthetic set
+    (with gradient), solves kernel ridge regression on the linear feature kernel with the trace-relative ridge
+    ``ridge * tr(K)/M``, predicts the real labels (centred one-hot), and minimises ``½‖Ŷ - Y‖²`` (plus the
+    label-margin term when labels are learned). Then the current pool model takes one Adam step on the synthetic
+    set, and the next pool model is drawn.
+
+    Args:
+        synthetic: the synthetic set (any parameterisation; FRePo learns labels with ``PixelSet(labels="learned",
+            label_scale=1/sqrt(C/10))``).
+        arch: pool network (registry name); FRePo uses ``convnet_frepo`` (doubling widths, BatchNorm before conv).
+        arch_kwargs: options of the pool network (e.g. ``width``, ``depth``).
+        pool_size: number of online models (FRePo: 10).
+        max_online_steps: a model is re-initialised after this many online steps (FRePo: 100).
+        online_lr: Adam learning rate of the online models (FRePo: 3e-4).
+        online_batch: at most this many synthetic images per online step (FRePo: 1000).
+        ridge: relative ridge of the kernel regression (FRePo: 1e-6).
+        use_flip: add horizontally flipped copies of the synthetic images to the regression support set.
+        lr: outer learning rate (FRePo: 3e-4), cosine-decayed to ``lr * lr_final_ratio`` over ``decay_steps``.
+        lr_final_ratio: FRePo: 0.1.
+        decay_steps: length of the cosine decay; ``None`` uses the trainer's ``max_steps``.
+        optimizer: ``lamb`` (the paper's, per-tensor trust ratio) or ``adam``; ignored when ``syn_optimizer`` is set.
+        syn_optimizer: optional optimiser factory overriding ``optimizer``/``lr``.
+        seed: seeds initialisation, the pool and the pool-model choice.
+    """
+
+    def __init__(
+        self,
+        synthetic: SyntheticSet,
+        arch: str = "convnet_frepo",
+        arch_kwargs: dict[str, Any] | None = None,
+        pool_size: int = 10,
+        max_online_steps: int = 100,
+        online_lr: float = 3e-4,
+        online_batch: int = 1000,
+        ridge: float = 1e-6,
+        use_flip: bool = False,
+        lr: float = 3e-4,
+        lr_final_ratio: float = 0.1,
+        decay_steps: int | None = None,
+        optimizer: Literal["lamb", "adam"] = "lamb",
+        syn_optimizer: Any = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(synthetic=synthetic, syn_optimizer=syn_optimizer, seed=seed)
+        if pool_size < 1 or max_online_steps < 1 or online_batch < 1:
+            raise ValueError("pool_size, max_online_steps and online_batch must be positive")
+        if ridge < 0:
+            raise ValueError(f"ridge must be non-negative, got {ridge}")
+        if optimizer not in ("lamb", "adam"):
+            raise ValueError(f"optimizer must be 'lamb' or 'adam', got {optimizer!r}")
+        self.arch, self.arch_kwargs = arch, dict(arch_kwargs or {})
+        self.pool_size, self.max_online_steps = pool_size, max_online_steps
+        self.online_lr, self.online_batch = online_lr, online_batch
+        self.ridge, self.use_flip = ridge, use_flip
+        self.lr, self.lr_final_ratio, self.decay_steps, self.optimizer_name = lr, lr_final_ratio, decay_steps, optimizer
+        self.pool: ModelPool | None = None
+        self.pool_index = 0
+        self.solver_fallbacks = 0
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def setup_method(self, datamodule: Any) -> None:
+        c, h, _ = self.synthetic.image_shape
+        k = self.synthetic.num_classes
+
+        def factory() -> torch.nn.Module:
+            return get_net(self.arch, c, k, h, **self.arch_kwargs)
+
+        self.pool = ModelPool(
+            factory, size=self.pool_size, max_online_steps=self.max_online_steps, lr=self.online_lr, seed=self.seed
+        ).to(self.device)
+        self.pool_index = self.pool.select(self.generator)
+
+    def default_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if self.optimizer_name == "lamb":
+            return LAMB(params, lr=self.lr)
+        return torch.optim.Adam(params, lr=self.lr)
+
+    def configure_optimizers(self) -> Any:
+        opt = super().configure_optimizers()
+        if opt is None or self.syn_optimizer is not None:
+            return opt
+        total = self.decay_steps or self.trainer.max_steps
+        if total is None or total < 1:
+            raise ValueError("FRePo's cosine decay needs decay_steps or trainer.max_steps")
+        final = self.lr_final_ratio
+
+        def cosine(t: int) -> float:
+            p = min(t, total) / total
+            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
+
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, cosine), "interval": "step"},
+        }
+
+    # ------------------------------------------------------------------------------------- outer step
+    def targets(self, y_syn: Tensor) -> Tensor:
+        """Regression targets of the synthetic set: learned/soft labels as they are, hard ones as centred one-hot."""
+        return y_syn if y_syn.ndim == 2 else centred_one_hot(y_syn, self.synthetic.num_classes)
+
+    def outer_loss(self, x_syn: Tensor, y_syn: Tensor, x_real: Tensor, y_real: Tensor) -> MetaStep:
+        k = self.synthetic.num_classes
+        idx = self.pool_index
+        with torch.no_grad():
+            feat_t = self.pool.features(idx, x_real)
+        y_sup = self.targets(y_syn)
+        x_sup = x_syn
+        if self.use_flip:
+            # The flip trick: mirrored copies join the regression support set (not an augmentation).
+            x_sup = torch.cat([x_syn, torch.flip(x_syn, dims=[-1])])
+            y_sup = torch.cat([y_sup, y_sup])
+        feat_s = self.pool.features(idx, x_sup)
+        pred, info = krr_predict(feat_s, y_sup, feat_t, ridge=self.ridge, relative=True, return_info=True)
+        if info["fallback"]:
+            self.solver_fallbacks += 1
+        y_t = centred_one_hot(y_real, k).to(pred.dtype)
+        krr_loss = half_mse(pred, y_t)
+        loss = krr_loss
+        logs: dict[str, float | Tensor] = {
+            "train/krr_loss": krr_loss.detach(),
+            "train/krr_acc": (pred.argmax(1) == y_real).float().mean().detach(),
+            "train/solver_fallbacks": float(self.solver_fallbacks),
+        }
+        if self.synthetic.label_kind == "learned":
+            margin = label_margin_loss(y_syn, 1.0 / k)
+            loss = loss + margin
+            logs["train/label_margin"] = margin.detach()
+        return MetaStep(loss, logs)
+
+    def after_outer_step(self, x_real: Tensor, y_real: Tensor) -> dict[str, float | Tensor]:
+        with torch.no_grad():
+            x_syn, y_syn = self.synthetic()
+            x_syn, y_t = x_syn.detach(), self.targets(y_syn).detach()
+        if len(x_syn) > self.online_batch:
+            pick = torch.randperm(len(x_syn), generator=self.generator)[: self.online_batch].to(x_syn.device)
+            x_syn, y_t = x_syn[pick], y_t[pick]
+        online_loss = self.pool.train_step(self.pool_index, x_syn, y_t)  # None when the model was re-initialised
+        self.pool_index = self.pool.select(self.generator)
+        return {} if online_loss is None else {"train/online_loss": online_loss}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def method_state_dict(self) -> dict[str, Any]:
+        if self.pool is None:
+            return {}
+        return {"pool": self.pool.state_dict(), "pool_index": self.pool_index, "fallbacks": self.solver_fallbacks}
+
+    def load_method_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self._pending_pool_state = state
+        if self.pool is not None:
+            self._restore_pool()
+
+    def on_fit_start(self) -> None:
+        if getattr(self, "_pending_pool_state", None) is not None:
+            self._restore_pool()
+
+    def _restore_pool(self) -> None:
+        state = self._pending_pool_state
+        self.pool.load_state_dict(state["pool"])
+        self.pool.to(self.device)
+        self.pool_index, self.solver_fallbacks = state["pool_index"], state["fallbacks"]
+        self._pending_pool_state = None

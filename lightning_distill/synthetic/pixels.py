@@ -1,0 +1,101 @@
+"""``PixelSet``: one learnable tensor of images, with hard, soft or learnable labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_distill.functional.losses import centred_one_hot
+from lightning_distill.synthetic.base import LabelKind, SyntheticSet
+
+
+class PixelSet(SyntheticSet):
+    """Synthetic images stored as raw pixels (in model-input space), ``ipc`` per class.
+
+    Args:
+        ipc: images per class.
+        num_classes: number of classes (``None``: from the data).
+        image_shape: ``(C, H, W)`` (``None``: from the data).
+        init: ``"real"`` draws random real images of each class; ``"noise"`` draws standard normal pixels
+            (the inputs are normalised, so unit variance matches the data's scale).
+        labels: ``"hard"`` (class ids, fixed), ``"soft"`` (fixed float targets) or ``"learned"`` (float targets
+            that the method optimises, FRePo/RCIG style).
+        centred: soft/learned labels use the centred one-hot convention (1 - 1/C, -1/C) instead of one-hot.
+        label_scale: multiplies the initial soft/learned labels (FRePo: 1/sqrt(C/10)); ``None`` means 1.
+    """
+
+    def __init__(
+        self,
+        ipc: int,
+        num_classes: int | None = None,
+        image_shape: Sequence[int] | None = None,
+        init: Literal["real", "noise"] = "real",
+        labels: LabelKind = "hard",
+        centred: bool = True,
+        label_scale: float | None = None,
+    ) -> None:
+        if init not in ("real", "noise"):
+            raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
+        if labels not in ("hard", "soft", "learned"):
+            raise ValueError(f"labels must be 'hard', 'soft' or 'learned', got {labels!r}")
+        self.init = init
+        self.label_kind = labels
+        self.centred = centred
+        self.label_scale = 1.0 if label_scale is None else float(label_scale)
+        super().__init__(ipc, num_classes, image_shape)
+
+    def _build(self) -> None:
+        n, (c, h, w), _k = self.num_images, self.image_shape, self.num_classes
+        self.images = nn.Parameter(torch.zeros(n, c, h, w))
+        if self.label_kind == "hard":
+            self.register_buffer("labels", self.class_ids())
+        else:
+            target = self._initial_targets()
+            if self.label_kind == "learned":
+                self.labels = nn.Parameter(target)
+            else:
+                self.register_buffer("labels", target)
+
+    def _initial_targets(self) -> Tensor:
+        ids = self.class_ids()
+        if self.centred:
+            return centred_one_hot(ids, self.num_classes, scale=self.label_scale)
+        return torch.nn.functional.one_hot(ids, self.num_classes).float() * self.label_scale
+
+    @torch.no_grad()
+    def initialise(self, x_real: Tensor, y_real: Tensor, generator: torch.Generator | None = None) -> None:
+        """Draw ``ipc`` distinct random real images of each class (or noise when ``init="noise"``)."""
+        if not self.is_built:
+            raise RuntimeError("build(num_classes, image_shape) before initialise()")
+        if tuple(x_real.shape[1:]) != self.image_shape:
+            raise ValueError(f"real images have shape {tuple(x_real.shape[1:])}, the set expects {self.image_shape}")
+        if self.init == "noise":
+            # Drawn on the generator's device (CPU), then moved: the same seed gives the same set on any device.
+            self.images.copy_(torch.randn(self.images.shape, generator=generator).to(self.images))
+            return
+        self.images.copy_(select_real(x_real, y_real, self.num_classes, self.ipc, generator).to(self.images))
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        return self.images, self.labels
+
+
+def select_real(
+    x_real: Tensor, y_real: Tensor, num_classes: int, ipc: int, generator: torch.Generator | None
+) -> Tensor:
+    """``ipc`` distinct random images of each class in class order: ``(num_classes * ipc, C, H, W)``.
+
+    Raises:
+        ValueError: when a class has fewer than ``ipc`` images.
+    """
+    y_cpu = y_real.cpu()
+    picks = []
+    for c in range(num_classes):
+        idx = torch.nonzero(y_cpu == c).flatten()
+        if len(idx) < ipc:
+            raise ValueError(f"class {c} has {len(idx)} real images, fewer than ipc={ipc}")
+        perm = torch.randperm(len(idx), generator=generator)[:ipc]
+        picks.append(idx[perm])
+    return x_real[torch.cat(picks).to(x_real.device)]
