@@ -9,16 +9,24 @@ import torch
 from lightning_distill.callbacks import ExportDistilled
 from lightning_distill.data import DistilledDataModule
 from lightning_distill.export import load_distilled
-from lightning_distill.methods import RandomSubset
+from lightning_distill.methods import FRePo, RandomSubset
 from lightning_distill.synthetic import PixelSet
 from tests.helpers import tiny_mnist_dm
 
 METHODS = {
     "random": lambda seed: RandomSubset(synthetic=PixelSet(ipc=2), seed=seed),
+    "frepo": lambda seed: FRePo(
+        synthetic=PixelSet(ipc=2, labels="learned"),
+        arch_kwargs={"width": 8},
+        pool_size=3,
+        max_online_steps=4,
+        decay_steps=10,
+        seed=seed,
+    ),
 }
 
 
-def _fit(name, root, tmp_path, seed=0, steps=2, **trainer_kwargs):
+def _fit(name, root, tmp_path, seed=0, steps=2, ckpt_path=None, **trainer_kwargs):
     L.seed_everything(seed, verbose=False)
     method = METHODS[name](seed)
     dm = tiny_mnist_dm(root, batch_size=64, seed=seed)
@@ -33,7 +41,7 @@ def _fit(name, root, tmp_path, seed=0, steps=2, **trainer_kwargs):
         callbacks=[ExportDistilled()],
         **trainer_kwargs,
     )
-    trainer.fit(method, datamodule=dm)
+    trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
     return method, dm, trainer
 
 
@@ -73,7 +81,8 @@ def test_checkpoint_round_trip(name, data_root, tmp_path):
     method, dm, trainer = _fit(name, data_root, tmp_path, steps=2)
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
-    loaded = type(method).load_from_checkpoint(ckpt, synthetic=PixelSet(ipc=2), weights_only=False)
+    synthetic = type(method.synthetic)(ipc=2, labels=method.synthetic.label_kind)
+    loaded = type(method).load_from_checkpoint(ckpt, synthetic=synthetic, weights_only=False)
     for (k, a), (_, b) in zip(
         method.synthetic.state_dict().items(), loaded.synthetic.state_dict().items(), strict=True
     ):
@@ -96,6 +105,17 @@ def test_export_round_trip(name, data_root, tmp_path):
     assert served.preprocessing is not None
     raw = dm.load_split("test")[0][:4].float() / 255
     torch.testing.assert_close(served.preprocessing.apply(raw), dm.preprocessing.apply(raw))
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(name, data_root, tmp_path):
+    straight, _, _ = _fit(name, data_root, tmp_path / "a", steps=3)
+    first, _, trainer = _fit(name, data_root, tmp_path / "b", steps=2)
+    ckpt = tmp_path / "b" / "step2.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed, _, _ = _fit(name, data_root, tmp_path / "c", steps=3, ckpt_path=str(ckpt))
+    for a, b in zip(straight.synthetic(), resumed.synthetic(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert straight.method_state_dict().keys() == resumed.method_state_dict().keys()
 
 
 def test_same_seed_same_result(name, data_root, tmp_path):

@@ -136,7 +136,11 @@ class FRePo(DistillationMethod):
             x_sup = torch.cat([x_syn, torch.flip(x_syn, dims=[-1])])
             y_sup = torch.cat([y_sup, y_sup])
         feat_s = self.pool.features(idx, x_sup)
-        pred, info = krr_predict(feat_s, y_sup, feat_t, ridge=self.ridge, relative=True, return_info=True)
+        try:
+            pred, info = krr_predict(feat_s, y_sup, feat_t, ridge=self.ridge, relative=True, return_info=True)
+        except torch.linalg.LinAlgError:
+            # Non-finite features or an unsolvable system: the base class skips a non-finite loss and counts it.
+            return MetaStep(torch.full((), float("nan"), device=x_syn.device), {})
         if info["fallback"]:
             self.solver_fallbacks += 1
         y_t = centred_one_hot(y_real, k).to(pred.dtype)

@@ -1,0 +1,128 @@
+"""FRePo: the outer step against closed forms and finite differences; flip trick; pool schedule; NaN safety."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_distill.functional import centred_one_hot, krr_predict
+from lightning_distill.methods import FRePo
+from lightning_distill.synthetic import PixelSet
+from tests.helpers import tiny_mnist_dm
+
+
+class _FakePool:
+    """A fixed float64 feature map tanh(x W) standing in for a pool network."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def features(self, idx, x, train=False):
+        return torch.tanh(x.flatten(1) @ self.w)
+
+
+def _method(labels="learned", use_flip=False, k=3, ipc=2, shape=(1, 4, 4)):
+    m = FRePo(synthetic=PixelSet(ipc=ipc, num_classes=k, image_shape=shape, labels=labels), use_flip=use_flip)
+    m.synthetic.double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        m.synthetic.images.copy_(torch.randn(m.synthetic.images.shape, generator=gen, dtype=torch.float64))
+    d = shape[0] * shape[1] * shape[2]
+    m.pool = _FakePool(torch.randn(d, 12, generator=gen, dtype=torch.float64) / d**0.5)
+    x_real = torch.randn(20, *shape, generator=gen, dtype=torch.float64)
+    y_real = torch.randint(0, k, (20,), generator=gen)
+    return m, x_real, y_real
+
+
+def test_outer_loss_equals_the_closed_form():
+    m, x_real, y_real = _method(labels="soft")
+    x_syn, y_syn = m.synthetic()
+    loss = m.outer_loss(x_syn, y_syn, x_real, y_real).loss
+    fs, ft = m.pool.features(0, x_syn), m.pool.features(0, x_real)
+    k_ss = fs @ fs.T
+    lam = 1e-6 * torch.trace(k_ss) / len(fs)
+    pred = ft @ fs.T @ torch.linalg.solve(k_ss + lam * torch.eye(len(fs), dtype=fs.dtype), y_syn)
+    expected = 0.5 * (pred - centred_one_hot(y_real, 3, dtype=torch.float64)).pow(2).sum(1).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("use_flip", [False, True])
+def test_meta_gradient_matches_finite_differences(use_flip):
+    m, x_real, y_real = _method(labels="learned", use_flip=use_flip)
+
+    def f(images, labels):
+        return m.outer_loss(images, labels, x_real, y_real).loss
+
+    x0, y0 = (t.detach().clone().requires_grad_() for t in m.synthetic())
+    assert torch.autograd.gradcheck(f, (x0, y0), eps=1e-6, atol=1e-5)
+
+
+def test_flip_trick_doubles_the_support_set(monkeypatch):
+    m, x_real, y_real = _method(labels="hard", use_flip=True)
+    seen = {}
+
+    def spy(feat_s, y_s, feat_t, **kw):
+        seen["m"], seen["y"] = len(feat_s), y_s
+        return krr_predict(feat_s, y_s, feat_t, **kw)
+
+    monkeypatch.setattr("lightning_distill.methods.frepo.krr_predict", spy)
+    x_syn, y_syn = m.synthetic()
+    m.outer_loss(x_syn, y_syn, x_real, y_real)
+    assert seen["m"] == 12 and torch.equal(seen["y"][:6], seen["y"][6:])
+    # hard labels regress their centred one-hot
+    torch.testing.assert_close(seen["y"][0], torch.tensor([2 / 3, -1 / 3, -1 / 3], dtype=torch.float32))
+
+
+def test_label_margin_only_with_learned_labels():
+    for labels, has_margin in [("learned", True), ("soft", False), ("hard", False)]:
+        m, x_real, y_real = _method(labels=labels)
+        logs = m.outer_loss(*m.synthetic(), x_real, y_real).logs
+        assert ("train/label_margin" in logs) == has_margin
+
+
+def _trainer(tmp_path, steps):
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+
+
+def test_pool_steps_and_resets_during_training(data_root, tmp_path):
+    m = FRePo(synthetic=PixelSet(ipc=1, labels="learned"), arch_kwargs={"width": 4}, pool_size=2, max_online_steps=3)
+    _trainer(tmp_path, 12).fit(m, datamodule=tiny_mnist_dm(data_root, batch_size=32))
+    # 12 outer steps = 12 online calls. A model trains at counts 0..3 (FRePo resets once the count is *above* the
+    # limit), then one call re-initialises it: 5 calls a cycle. Model 1 starts at count 1 (staggered by 3 // 2).
+    total_calls = sum(m.pool.step_count(i) + 5 * m.pool.reset_count(i) for i in range(2)) - 1
+    assert total_calls == 12
+    assert sum(m.pool.reset_count(i) for i in range(2)) >= 1
+    assert m.skipped_steps == 0
+
+
+def test_nan_never_reaches_the_synthetic_set(data_root, tmp_path):
+    m = FRePo(synthetic=PixelSet(ipc=1, labels="learned"), arch_kwargs={"width": 4}, pool_size=2)
+    dm = tiny_mnist_dm(data_root, batch_size=32)
+    _trainer(tmp_path, 1).fit(m, datamodule=dm)
+    with torch.no_grad():
+        m.synthetic.images[0, 0, 0, 0] = float("nan")
+    step = m.outer_loss(*m.synthetic(), dm.x_train[:32], dm.y_train[:32])
+    assert not torch.isfinite(step.loss)
+    before = [p.detach().clone() for p in m.synthetic.parameters()]
+    m._update_synthetic(step.loss)  # the base class's update path
+    assert m.skipped_steps == 1
+    for p, b in zip(m.synthetic.parameters(), before, strict=True):
+        assert torch.equal(p.detach().nan_to_num(), b.nan_to_num())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="pool_size"):
+        FRePo(synthetic=PixelSet(ipc=1), pool_size=0)
+    with pytest.raises(ValueError, match="ridge"):
+        FRePo(synthetic=PixelSet(ipc=1), ridge=-1.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        FRePo(synthetic=PixelSet(ipc=1), optimizer="sgd")
