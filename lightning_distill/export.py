@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_distill.io import atomic_path
 from lightning_distill.synthetic.base import SyntheticSet
 
 FORMAT_VERSION = 1
@@ -78,19 +78,9 @@ def save_distilled(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     A crash mid-write leaves the previous file intact, never a truncated one.
     """
     _validate(payload, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
 
 
 def load_distilled(path: str | os.PathLike) -> dict[str, Any]:

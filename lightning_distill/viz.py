@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
+
+from lightning_distill.io import atomic_path
 
 
 def viewable(images: Tensor, preprocessing: Any | None) -> Tensor:
@@ -36,17 +37,9 @@ def image_grid(images: Tensor, ipc: int, preprocessing: Any | None = None, max_p
 
 def save_grid_png(grid: Tensor, path: str | os.PathLike) -> Path:
     """Write a grid to PNG atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        save_image(grid, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, format="png")
+    return Path(path)
 
 
 def upscale(grid: Tensor, min_side: int = 256) -> Tensor:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from lightning_distill.io import atomic_path
 
 DATA_ENV = "LIGHTNING_DISTILL_DATA"
 CACHE_ENV = "LIGHTNING_DISTILL_CACHE"
@@ -38,25 +37,6 @@ def cache_subdir(name: str) -> Path:
     path = default_cache_dir() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; on success it replaces ``dest`` in one step.
-
-    Concurrent writers (DDP ranks, parallel test runs) each write their own temp file, and readers never see a
-    half-written cache file.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches may be shared between users of one machine
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def atomic_torch_save(obj: Any, dest: Path) -> None:
