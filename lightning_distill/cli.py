@@ -51,6 +51,7 @@ def evaluate_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     p.add_argument("--steps", type=int, default=None, help="override the protocol's total steps")
     p.add_argument("--root", default=None, help="data root holding the test split (default: as recorded)")
     p.add_argument("--data-path", default=None, help="file or folder of array/ImageFolder data (default: recorded)")
+    p.add_argument("--arch-kwargs", default=None, help='network options as JSON, e.g. \'{"width": 64}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--output", default=None, help="JSON file (default: <PATH stem>_eval_<protocol>.json)")

@@ -55,6 +55,7 @@ def evaluate_distilled(
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
+    arch_kwargs: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Train ``repeats`` fresh networks on the set in ``path`` and test them on its dataset's test split."""
     payload = load_distilled(path)
@@ -75,6 +76,7 @@ def evaluate_distilled(
         seed=seed,
         device=device,
         progress=progress,
+        arch_kwargs=arch_kwargs,
     )
     result.extra.update(
         path=str(path),

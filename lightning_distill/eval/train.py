@@ -62,6 +62,7 @@ def train_on_distilled(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    arch_kwargs: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Train ``repeats`` fresh networks on ``(images, labels)`` and test each on ``(x_test, y_test)``.
 
@@ -78,6 +79,7 @@ def train_on_distilled(
         seed: network ``i`` is initialised and augmented with ``seed + i``; no global RNG state leaks.
         device: where to train (default: CUDA when available).
         progress: show a progress bar.
+        arch_kwargs: network options, merged over the protocol's own (e.g. ``{"width": 64}`` for a CPU budget).
     """
     proto = get_protocol(protocol)
     if repeats < 1:
@@ -88,7 +90,7 @@ def train_on_distilled(
     if num_classes is None:
         num_classes = int(labels.shape[1]) if labels.ndim == 2 else int(max(labels.max(), y_test.max())) + 1
     name = arch or proto.arch
-    kwargs = proto.arch_kwargs if arch is None or arch == proto.arch else {}
+    kwargs = {**(proto.arch_kwargs if arch is None or arch == proto.arch else {}), **(arch_kwargs or {})}
     n_steps = proto.num_steps(len(images), epochs, steps)
     images, labels = images.to(device, torch.float32), labels.to(device)
     x_test, y_test = x_test.to(device), y_test.to(device)
@@ -105,7 +107,9 @@ def train_on_distilled(
         accs.append(test_accuracy(net, x_test, y_test, num_classes))
         bar.set_postfix(acc=f"{accs[-1]:.2f}")
     bar.close()
-    return EvalResult(proto.name, name, accs, len(images), n_steps, time.perf_counter() - start)
+    result = EvalResult(proto.name, name, accs, len(images), n_steps, time.perf_counter() - start)
+    result.extra["arch_kwargs"] = kwargs
+    return result
 
 
 def _make_augment(proto: Protocol, flip: bool) -> nn.Module:

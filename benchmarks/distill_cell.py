@@ -1,0 +1,236 @@
+"""Distil one (method, dataset, IPC) cell from a recipe under a budget, then score it beside the random baseline.
+
+    python benchmarks/distill_cell.py recipes/frepo/mnist_ipc1_cpu.yaml --minutes 30 --repeats 5 \
+        --krr-arch-kwargs '{"width": 64}' --curve 3
+
+Writes ``benchmarks/results/<recipe>.{json,md,png}``, each stamped with date, hardware, torch version and commit:
+the distilled set's accuracy under the method's native ``krr`` protocol and the ``dc`` protocol (``--repeats``
+networks each), the random-real baseline at the same IPC under both, the paper's number, steps done, ms per step,
+and optionally an accuracy-against-minutes curve from snapshots taken during distillation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stamp import stamp  # noqa: E402
+
+from lightning_distill.cli import cli_main  # noqa: E402
+from lightning_distill.eval import NO_FLIP_DATASETS, train_on_distilled  # noqa: E402
+from lightning_distill.export import build_export, save_distilled  # noqa: E402
+from lightning_distill.synthetic import select_real  # noqa: E402
+
+# Published ConvNet accuracies (%), method -> dataset -> ipc -> (mean, std). MNIST/F-MNIST FRePo numbers are
+# unverified against the PDF (see shared/reference/methods_frepo_rcig.md §4).
+PAPER = {
+    "FRePo": {
+        "mnist": {1: (93.0, 0.4), 10: (98.6, 0.1), 50: (99.2, 0.0)},
+        "fashion_mnist": {1: (75.6, 0.3), 10: (86.2, 0.2), 50: (89.6, 0.1)},
+        "cifar10": {1: (46.8, 0.7), 10: (65.5, 0.4), 50: (71.7, 0.2)},
+        "cifar100": {1: (28.7, 0.1), 10: (42.5, 0.2), 50: (44.3, 0.2)},
+        "tiny_imagenet": {1: (15.4, 0.3), 10: (25.4, 0.2)},
+    },
+}
+# Random real images under the DC protocol (Zhao et al., ICLR 2021, Table 1).
+RANDOM_PAPER = {"mnist": {1: (64.9, 3.5), 10: (95.1, 0.9)}, "fashion_mnist": {1: (51.4, 3.8), 10: (73.8, 0.7)}}
+
+
+class Snapshots(L.Callback):
+    """Save the set every ``every_min`` minutes of distillation (for the accuracy-against-minutes curve)."""
+
+    def __init__(self, folder: Path, every_min: float) -> None:
+        self.folder, self.every, self.start, self.taken = folder, every_min * 60, None, []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        elapsed = time.perf_counter() - self.start
+        if elapsed >= self.every * (len(self.taken) + 1):
+            self.save(trainer, pl_module, elapsed)
+
+    def save(self, trainer: L.Trainer, pl_module: Any, elapsed: float) -> None:
+        path = self.folder / f"step{trainer.global_step}.pt"
+        payload = build_export(pl_module.synthetic, pl_module.data_info, type(pl_module).__name__, {}, pl_module.seed)
+        save_distilled(payload, path)
+        self.taken.append({"minutes": elapsed / 60, "step": trainer.global_step, "path": str(path)})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe")
+    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the distillation")
+    p.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps (cosine horizon)")
+    p.add_argument("--repeats", type=int, default=5, help="networks per evaluation")
+    p.add_argument("--krr-arch-kwargs", default=None, help="JSON options of the krr evaluation network")
+    p.add_argument("--dc-epochs", type=int, default=None, help="override the dc protocol's 1000 epochs")
+    p.add_argument("--eval-steps", type=int, default=None, help="override both protocols' step counts (smoke tests)")
+    p.add_argument("--curve", type=int, default=0, help="evaluate this many snapshots (1 net, krr) for a curve")
+    p.add_argument("--out", default=None, help="folder for results (default benchmarks/results)")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    name = Path(a.recipe).stem
+    out = Path(a.out or Path(__file__).resolve().parent / "results")
+    run_dir = Path("runs/bench") / f"{Path(a.recipe).parent.name}_{name}"
+    krr_kwargs = json.loads(a.krr_arch_kwargs) if a.krr_arch_kwargs else None
+
+    hh, mm = divmod(int(a.minutes * 60), 3600)
+    args = [
+        "--config",
+        a.recipe,
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.logger=false",
+        f"--trainer.max_time=00:{hh:02d}:{mm // 60:02d}:{mm % 60:02d}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    if a.max_steps:
+        args += [f"--trainer.max_steps={a.max_steps}"]
+    snaps = Snapshots(run_dir / "snapshots", a.minutes / (a.curve + 1)) if a.curve else None
+    t0 = time.perf_counter()
+    cli = cli_main(args, run=False)
+    if snaps:
+        cli.trainer.callbacks.append(snaps)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    distil_s = time.perf_counter() - t0
+    method, dm, steps = cli.model, cli.datamodule, cli.trainer.global_step
+    dataset, ipc, k = dm.name, method.synthetic.ipc, dm.num_classes
+    flip = dataset not in NO_FLIP_DATASETS
+    x_syn, y_syn = (t.detach().cpu() for t in method.synthetic())
+    gen = torch.Generator().manual_seed(0)
+    x_rand = select_real(dm.x_train.cpu(), dm.y_train.cpu(), k, ipc, gen)
+    y_rand = torch.arange(k).repeat_interleave(ipc)
+    x_te, y_te = dm.x_test.cpu(), dm.y_test.cpu()
+
+    def score(x, y, protocol, kwargs=None, repeats=a.repeats, epochs=None):
+        r = train_on_distilled(
+            x,
+            y,
+            x_te,
+            y_te,
+            protocol=protocol,
+            repeats=repeats,
+            num_classes=k,
+            flip=flip,
+            epochs=epochs,
+            arch_kwargs=kwargs,
+            device="cpu",
+            progress=False,
+        )
+        print(f"  {protocol}: {r}", flush=True)
+        return r.to_dict()
+
+    print(f"distilled {steps} steps in {distil_s / 60:.1f} min; evaluating", flush=True)
+    res: dict[str, Any] = {
+        "recipe": a.recipe,
+        "method": type(method).__name__,
+        "dataset": dataset,
+        "ipc": ipc,
+        "steps": steps,
+        "distill_minutes": distil_s / 60,
+        "ms_per_step": 1000 * distil_s / max(steps, 1),
+        "skipped_steps": method.skipped_steps,
+        "stamp": stamp(),
+        "paper": PAPER.get(type(method).__name__, {}).get(dataset, {}).get(ipc),
+        "random_paper_dc": RANDOM_PAPER.get(dataset, {}).get(ipc),
+    }
+    res["distilled"] = {
+        "krr": score(x_syn, y_syn, "krr", krr_kwargs),
+        "dc": score(x_syn, y_syn, "dc", epochs=a.dc_epochs),
+    }
+    res["random"] = {
+        "krr": score(x_rand, y_rand, "krr", krr_kwargs),
+        "dc": score(x_rand, y_rand, "dc", epochs=a.dc_epochs),
+    }
+    res["curve"] = []
+    for s in snaps.taken if snaps else []:
+        snap = torch.load(s["path"], weights_only=True)
+        r = score(snap["images"], snap["labels"], "krr", krr_kwargs, repeats=1)
+        res["curve"].append({**s, "krr_acc": r["mean"]})
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{Path(a.recipe).parent.name}_{name}"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{stem}.md").write_text(markdown(res))
+    plot(res, out / f"{stem}.png")
+    print(markdown(res))
+
+
+def _pm(r: dict[str, Any] | None) -> str:
+    return "–" if not r else f"{r['mean']:.1f} ± {r['std']:.1f}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s = r["stamp"]
+    paper = f"{r['paper'][0]} ± {r['paper'][1]}" if r["paper"] else "–"
+    rp = f"{r['random_paper_dc'][0]} ± {r['random_paper_dc'][1]}" if r["random_paper_dc"] else "–"
+    krr_arch = r["distilled"]["krr"]["extra"].get("arch_kwargs")
+    return "\n".join(
+        [
+            f"## {r['method']} · {r['dataset']} · IPC {r['ipc']} (`{r['recipe']}`)",
+            "",
+            f"{r['steps']} outer steps in {r['distill_minutes']:.1f} min ({r['ms_per_step']:.0f} ms/step), "
+            f"{r['skipped_steps']} skipped. {s['date']}, {s['hardware']}, torch {s['torch']}, commit {s['commit']}.",
+            "",
+            "| set | krr protocol | dc protocol | paper |",
+            "|---|---|---|---|",
+            f"| {r['method']} (ours) | {_pm(r['distilled']['krr'])} | {_pm(r['distilled']['dc'])} | {paper} |",
+            f"| random real (ours) | {_pm(r['random']['krr'])} | {_pm(r['random']['dc'])} | {rp} (dc) |",
+            "",
+            f"Networks per cell: {len(r['distilled']['krr']['accuracies'])}; krr network: "
+            f"{r['distilled']['krr']['arch']} {krr_arch}; dc network: convnet (width 128, instance norm).",
+            *(
+                [""]
+                + [
+                    f"- after {c['minutes']:.1f} min (step {c['step']}): krr {c['krr_acc']:.1f} % (1 net)"
+                    for c in r["curve"]
+                ]
+                if r["curve"]
+                else []
+            ),
+            "",
+        ]
+    )
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if r["curve"] else 1, figsize=(10 if r["curve"] else 5.5, 4), squeeze=False)
+    ax = axes[0, 0]
+    labels = ["ours krr", "ours dc", "random krr", "random dc"]
+    vals = [r["distilled"]["krr"], r["distilled"]["dc"], r["random"]["krr"], r["random"]["dc"]]
+    ax.bar(labels, [v["mean"] for v in vals], yerr=[v["std"] for v in vals], color=["C0", "C0", "C7", "C7"])
+    if r["paper"]:
+        ax.axhline(r["paper"][0], color="C3", ls="--", label=f"paper {r['paper'][0]}")
+        ax.legend(loc="lower right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{r['method']} {r['dataset']} IPC {r['ipc']}, {r['distill_minutes']:.0f} min")
+    if r["curve"]:
+        c = axes[0, 1]
+        c.plot([x["minutes"] for x in r["curve"]], [x["krr_acc"] for x in r["curve"]], "o-")
+        c.set_xlabel("minutes of distillation")
+        c.set_ylabel("krr accuracy (%, 1 net)")
+        c.set_title("accuracy against minutes")
+    s = r["stamp"]
+    fig.text(0.01, 0.01, f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "offline")
+    main()
