@@ -221,7 +221,10 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{r['method']} {r['dataset']} IPC {r['ipc']}, {r['distill_minutes']:.0f} min")
     if r["curve"]:
         c = axes[0, 1]
-        c.plot([x["minutes"] for x in r["curve"]], [x["krr_acc"] for x in r["curve"]], "o-")
+        pts = [(x["minutes"], x["krr_acc"]) for x in r["curve"]] + [
+            (r["distill_minutes"], r["distilled"]["krr"]["mean"])
+        ]
+        c.plot(*zip(*pts), "o-")  # the last point is the final set (mean of all networks)
         c.set_xlabel("minutes of distillation")
         c.set_ylabel("krr accuracy (%, 1 net)")
         c.set_title("accuracy against minutes")
