@@ -224,7 +224,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
         pts = [(x["minutes"], x["krr_acc"]) for x in r["curve"]] + [
             (r["distill_minutes"], r["distilled"]["krr"]["mean"])
         ]
-        c.plot(*zip(*pts), "o-")  # the last point is the final set (mean of all networks)
+        c.plot(
+            [m for m, _ in pts], [acc for _, acc in pts], "o-"
+        )  # the last point is the final set (mean of all networks)
         c.set_xlabel("minutes of distillation")
         c.set_ylabel("krr accuracy (%, 1 net)")
         c.set_title("accuracy against minutes")
