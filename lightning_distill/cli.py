@@ -51,7 +51,7 @@ def evaluate_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     p.add_argument("--steps", type=int, default=None, help="override the protocol's total steps")
     p.add_argument("--root", default=None, help="data root holding the test split (default: as recorded)")
     p.add_argument("--data-path", default=None, help="file or folder of array/ImageFolder data (default: recorded)")
-    p.add_argument("--arch-kwargs", default=None, help='network options as JSON, e.g. \'{"width": 64}\'')
+    p.add_argument("--arch-kwargs", default=None, help="network options as JSON, e.g. '{\"width\": 64}'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--output", default=None, help="JSON file (default: <PATH stem>_eval_<protocol>.json)")
@@ -93,7 +93,9 @@ def evaluate_main(argv: Sequence[str]) -> list[dict[str, Any]]:
         results.append(r.to_dict())
     print(format_table(results))
     out = Path(a.output) if a.output else Path(path).with_name(f"{Path(path).stem}_eval_{a.protocol}.json")
-    write_json(out, results)
+    from lightning_distill.provenance import stamp
+
+    write_json(out, {"stamp": stamp(), "results": results})
     print(f"wrote {out}")
     return results
 

@@ -51,7 +51,9 @@ def test_fit_export_evaluate(data_root, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "| mnist | 1 | RandomSubset | lenet | dc |" in printed and "| mlp |" in printed
-    res = json.loads((out / "distilled_eval_dc.json").read_text())
+    written = json.loads((out / "distilled_eval_dc.json").read_text())
+    assert {"date", "hardware", "torch", "commit"} <= set(written["stamp"])
+    res = written["results"]
     assert [r["arch"] for r in res] == ["lenet", "mlp"] and all(len(r["accuracies"]) == 2 for r in res)
     assert all(0 <= a <= 100 for r in res for a in r["accuracies"])
 
