@@ -28,6 +28,14 @@ def data_root() -> Path:
     return _data_root()
 
 
+@pytest.fixture
+def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache folder (ZCA, decoded images) for this test only."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LIGHTNING_DISTILL_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     # CI has 2 cores; LIGHTNING_DISTILL_TEST_THREADS=1 keeps parallel runs from oversubscribing them.

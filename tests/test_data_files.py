@@ -23,10 +23,8 @@ from lightning_distill.data import (
 
 
 @pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("LIGHTNING_DISTILL_CACHE", str(cache))
-    return cache
+def _tmp_cache(tmp_cache: Path) -> Path:
+    return tmp_cache
 
 
 def _write_image(path: Path, value: int, size: tuple[int, int], fmt: str = "PNG") -> None:

@@ -20,10 +20,8 @@ from lightning_distill.data import (
 
 
 @pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("LIGHTNING_DISTILL_CACHE", str(cache))
-    return cache
+def _tmp_cache(tmp_cache: Path) -> Path:
+    return tmp_cache
 
 
 @pytest.fixture(scope="module")
