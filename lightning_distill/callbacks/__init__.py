@@ -1,5 +1,7 @@
 """Callbacks (one per file)."""
 
+from lightning_distill.callbacks.cross_arch import CrossArchitectureEval
 from lightning_distill.callbacks.export import ExportDistilled
+from lightning_distill.callbacks.image_logger import SyntheticImageLogger
 
-__all__ = ["ExportDistilled"]
+__all__ = ["CrossArchitectureEval", "ExportDistilled", "SyntheticImageLogger"]

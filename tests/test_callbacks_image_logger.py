@@ -1,0 +1,119 @@
+"""SyntheticImageLogger: PNGs without W&B, images and the final artifact in an offline W&B run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from PIL import Image
+
+from lightning_distill.callbacks import SyntheticImageLogger
+from lightning_distill.callbacks.image_logger import label_heatmap
+from lightning_distill.export import load_distilled
+from lightning_distill.methods import FRePo, RandomSubset
+from lightning_distill.synthetic import PixelSet
+from tests.helpers import tiny_mnist_dm
+
+
+def _frepo() -> FRePo:
+    return FRePo(synthetic=PixelSet(ipc=1, labels="learned"), arch_kwargs={"width": 4}, pool_size=2, decay_steps=10)
+
+
+def _fit(root: Path, tmp_path: Path, callback: SyntheticImageLogger, steps: int, method=None, logger=None):
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger if logger is not None else False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    method = method if method is not None else _frepo()
+    trainer.fit(method, datamodule=tiny_mnist_dm(root, batch_size=32))
+    return method, trainer
+
+
+def test_pngs_without_wandb(data_root, tmp_path):
+    cb = SyntheticImageLogger(every_n_steps=2)
+    method, _ = _fit(data_root, tmp_path, cb, steps=3, logger=CSVLogger(tmp_path))
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    # Steps 2 and 3 (the end); learned labels also get their heat map; no temporary files are left behind.
+    assert names == ["step_2.png", "step_2_labels.png", "step_3.png", "step_3_labels.png"]
+    with Image.open(tmp_path / "images" / "step_3.png") as im:
+        w, h = im.size
+    # One row per class: 10 rows of one 28 px image, 1 px padding.
+    assert (w, h) == (28 + 2, 10 * 29 + 1)
+    with Image.open(tmp_path / "images" / "step_3_labels.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    assert cb.last_paths == [tmp_path / "images" / "step_3.png", tmp_path / "images" / "step_3_labels.png"]
+
+
+def test_hard_labels_get_no_heatmap_and_dirpath(data_root, tmp_path):
+    cb = SyntheticImageLogger(every_n_steps=0, dirpath=str(tmp_path / "pics"))
+    _fit(data_root, tmp_path, cb, steps=2, method=RandomSubset(synthetic=PixelSet(ipc=2)))
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["step_2.png"]
+
+
+def test_label_heatmap_picture():
+    labels = torch.randn(20, 10)
+    pic = label_heatmap(labels, ipc=2, class_names=[str(i) for i in range(10)], step=5)
+    assert pic.ndim == 3 and pic.shape[0] == 3 and pic.min() >= 0 and pic.max() <= 1
+    # The global pyplot state is left alone (no figure opened).
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SyntheticImageLogger(every_n_steps=-1)
+    with pytest.raises(ValueError, match="max_per_class"):
+        SyntheticImageLogger(max_per_class=0)
+
+
+def test_wandb_offline_images_and_artifact(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="test")
+    logged: list[tuple[str, int]] = []
+    artifacts: list = []
+    real_log_image = logger.log_image
+
+    def spy_log_image(key, images, step=None, **kwargs):
+        logged.append((key, step))
+        assert images[0].ndim == 3 and images[0].shape[-1] == 3  # height x width x RGB for W&B
+        return real_log_image(key, images, step=step, **kwargs)
+
+    monkeypatch.setattr(logger, "log_image", spy_log_image)
+    run = logger.experiment
+    real_log_artifact = run.log_artifact
+
+    def spy_log_artifact(artifact, *args, **kwargs):
+        # The file is the export format and W&B has its own copy of it (the temporary folder is gone later).
+        entry = artifact.manifest.entries["distilled.pt"]
+        artifacts.append((artifact, load_distilled(entry.local_path), Path(entry.local_path)))
+        return real_log_artifact(artifact, *args, **kwargs)
+
+    monkeypatch.setattr(run, "log_artifact", spy_log_artifact)
+    cb = SyntheticImageLogger(every_n_steps=2)
+    method, _ = _fit(data_root, tmp_path, cb, steps=2, logger=logger)
+
+    assert logged == [("synthetic/images", 2), ("synthetic/labels", 2)]
+    assert not (tmp_path / "images").exists()
+    assert len(artifacts) == 1
+    artifact, payload, staged = artifacts[0]
+    assert staged.is_file()
+    assert artifact.name.startswith("distilled-mnist-ipc1") and artifact.type == "distilled-set"
+    assert artifact.metadata["method"] == "FRePo" and artifact.metadata["ipc"] == 1
+    assert torch.equal(payload["images"], method.synthetic()[0].detach())
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    media = runs[0] / "files" / "media" / "images" / "synthetic"
+    assert len(list(media.glob("images_*.png"))) == 1 and len(list(media.glob("labels_*.png"))) == 1
