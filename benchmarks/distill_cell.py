@@ -124,8 +124,9 @@ def main() -> None:
             num_classes=k,
             flip=flip,
             epochs=epochs,
+            steps=a.eval_steps,
             arch_kwargs=kwargs,
-            device="cpu",
+            device="cuda" if torch.cuda.is_available() else "cpu",
             progress=False,
         )
         print(f"  {protocol}: {r}", flush=True)

@@ -1,0 +1,129 @@
+"""Named benchmark matrices: which (method × dataset × IPC) cells ``benchmarks/suite.py`` runs, and at what budget.
+
+A cell is one recipe run through ``benchmarks/distill_cell.py`` under a :class:`Budget`. The random-real baseline
+is not a cell of its own: ``distill_cell.py`` scores random real images at the same IPC inside every cell, so each
+FRePo cell yields a FRePo row and a random-real row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much work one cell gets; every field maps onto one ``distill_cell.py`` option.
+
+    Args:
+        minutes: wall-clock cap of the distillation (``--minutes``).
+        max_steps: outer steps (``--max-steps``, also the cosine horizon); ``None`` keeps the recipe's.
+        repeats: fresh networks per evaluation (``--repeats``).
+        krr_arch_kwargs: options of the krr evaluation network (``--krr-arch-kwargs``), e.g. ``{"width": 64}``.
+        dc_epochs: override the dc protocol's 1000 epochs (``--dc-epochs``).
+        eval_steps: override both protocols' step counts (``--eval-steps``).
+        curve: snapshots scored for the accuracy-against-minutes curve (``--curve``).
+    """
+
+    minutes: float
+    max_steps: int | None = None
+    repeats: int = 5
+    krr_arch_kwargs: dict[str, Any] | None = field(default=None, hash=False)
+    dc_epochs: int | None = None
+    eval_steps: int | None = None
+    curve: int = 0
+
+    def args(self) -> list[str]:
+        """The ``distill_cell.py`` options that give this budget."""
+        out = ["--minutes", f"{self.minutes:g}", "--repeats", str(self.repeats), "--curve", str(self.curve)]
+        if self.max_steps is not None:
+            out += ["--max-steps", str(self.max_steps)]
+        if self.krr_arch_kwargs:
+            out += ["--krr-arch-kwargs", json.dumps(self.krr_arch_kwargs, sort_keys=True)]
+        if self.dc_epochs is not None:
+            out += ["--dc-epochs", str(self.dc_epochs)]
+        if self.eval_steps is not None:
+            out += ["--eval-steps", str(self.eval_steps)]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, as recorded in a cell's JSON under ``"budget"`` (compared to decide whether to re-run)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One recipe at one budget."""
+
+    recipe: str  # relative to the repository root
+    budget: Budget
+
+    @property
+    def stem(self) -> str:
+        """The name ``distill_cell.py`` gives the cell's outputs: ``<method folder>_<recipe stem>``."""
+        p = Path(self.recipe)
+        return f"{p.parent.name}_{p.stem}"
+
+    @property
+    def path(self) -> Path:
+        """The recipe file."""
+        return REPO / self.recipe
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A named list of cells."""
+
+    name: str
+    description: str
+    cells: tuple[Cell, ...]
+
+
+# The CPU budget of the measured CPU cells (30 minutes, a 2400-step cosine horizon, 5 networks per evaluation, the
+# krr network at width 64 as in the CPU recipes, 3 snapshots for the accuracy-against-minutes curve).
+CPU_BUDGET = Budget(minutes=30, max_steps=2400, repeats=5, krr_arch_kwargs={"width": 64}, curve=3)
+# On a GPU the recipes run as published; one hour per cell, the recipe's own cosine horizon. distill_cell.py scores
+# the sets on the CPU (device="cpu" in its score()), so the full dc protocol makes the evaluation the long part.
+GPU_BUDGET = Budget(minutes=60, repeats=5, curve=3)
+# Plumbing only (tests): two outer steps, one network per evaluation, a narrow krr network, one dc epoch.
+SMOKE_BUDGET = Budget(minutes=1, max_steps=2, repeats=1, krr_arch_kwargs={"width": 8}, dc_epochs=1, eval_steps=2)
+
+
+def _cells(method: str, datasets: list[str], ipcs: list[int], suffix: str, budget: Budget) -> tuple[Cell, ...]:
+    """Cells ``recipes/<method>/<dataset>_ipc<k><suffix>.yaml``; where no such recipe exists, the full recipe."""
+    cells = []
+    for dataset in datasets:
+        for ipc in ipcs:
+            recipe = f"recipes/{method}/{dataset}_ipc{ipc}{suffix}.yaml"
+            if suffix and not (REPO / recipe).is_file():
+                recipe = f"recipes/{method}/{dataset}_ipc{ipc}.yaml"  # use what exists
+            cells.append(Cell(recipe, budget))
+    return tuple(cells)
+
+
+MATRICES: dict[str, Matrix] = {
+    m.name: m
+    for m in [
+        Matrix(
+            "cpu",
+            "FRePo (and, inside each cell, random real) on MNIST and Fashion-MNIST at IPC 1 and 10, CPU recipes, "
+            "30 minutes per cell",
+            _cells("frepo", ["mnist", "fashion_mnist"], [1, 10], "_cpu", CPU_BUDGET),
+        ),
+        Matrix(
+            "gpu",
+            "FRePo (and random real) on MNIST and CIFAR-10 at IPC 1, 10 and 50, the published recipes, "
+            "an hour per cell",
+            _cells("frepo", ["mnist", "cifar10"], [1, 10, 50], "", GPU_BUDGET),
+        ),
+        Matrix(
+            "smoke",
+            "one cell (FRePo, MNIST, IPC 1, CPU recipe) with tiny budgets: checks the plumbing, not the numbers",
+            (Cell("recipes/frepo/mnist_ipc1_cpu.yaml", SMOKE_BUDGET),),
+        ),
+    ]
+}

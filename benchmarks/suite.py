@@ -1,0 +1,566 @@
+"""Run a named matrix of (method × dataset × IPC) cells, then write RESULTS.md and plots from every result present.
+
+    python benchmarks/suite.py --matrix cpu            # FRePo and random real, MNIST/F-MNIST, IPC 1 and 10, CPU
+    python benchmarks/suite.py --matrix gpu --threads 8
+    python benchmarks/suite.py --report-only --readme  # only regenerate RESULTS.md, the plots and README's table
+    python benchmarks/suite.py --list                  # the matrices and their cells
+
+Each cell is ``benchmarks/distill_cell.py RECIPE <budget options> --out OUT`` in a subprocess; its JSON lands in
+``OUT`` (default ``benchmarks/results/``) and the suite records the budget in it. A cell whose JSON already exists
+with the same recipe and budget is skipped unless ``--force``, so an interrupted matrix resumes where it stopped.
+JSON written by ``distill_cell.py`` run by hand (no recorded budget) counts as done when everything it records is
+consistent with the budget (networks, krr network, evaluation steps, outer steps and minutes).
+
+The report reads every JSON in ``OUT``: distill_cell results (a row for the method and one for random real) and
+``lightning-distill evaluate`` files (a row per result). It writes ``RESULTS.md`` beside ``OUT`` (by default
+``benchmarks/RESULTS.md``), ``OUT/accuracy_vs_ipc_<dataset>.png`` and ``OUT/time_per_step.png``; ``--readme``
+replaces the block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+from matrices import MATRICES, Budget, Cell  # noqa: E402
+
+DISTILL_CELL = BENCH / "distill_cell.py"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+DATASET_ORDER = ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "tiny_imagenet"]
+RANDOM = "random real"  # the series name of random real images, whether scored by distill_cell or RandomSubset
+
+
+def papers() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The published numbers, from distill_cell.py (one table for both scripts)."""
+    import distill_cell
+
+    return distill_cell.PAPER, distill_cell.RANDOM_PAPER
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def recipe_horizon(recipe: Path) -> int | None:
+    """The recipe's ``trainer.max_steps``."""
+    import yaml
+
+    cfg = yaml.safe_load(recipe.read_text()) or {}
+    return (cfg.get("trainer") or {}).get("max_steps")
+
+
+def cell_done(path: Path, cell: Cell) -> tuple[bool, str]:
+    """Whether ``path`` holds this cell's result at this budget, and why (or why not)."""
+    if not path.is_file():
+        return False, "no result yet"
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return False, f"unreadable result ({e})"
+    recipe = Path(r.get("recipe", ""))
+    if (recipe.parent.name, recipe.stem) != (Path(cell.recipe).parent.name, Path(cell.recipe).stem):
+        return False, f"result is of another recipe ({recipe})"
+    if "budget" in r:
+        same = r["budget"] == cell.budget.to_dict()
+        return same, "same budget" if same else f"recorded budget {r['budget']} differs"
+    problems = _inconsistencies(r, cell)
+    return not problems, "consistent with the budget (run by hand)" if not problems else "; ".join(problems)
+
+
+def _inconsistencies(r: dict[str, Any], cell: Cell) -> list[str]:
+    """What in a result without a recorded budget contradicts ``cell.budget`` (empty: it could be this budget)."""
+    from lightning_distill.eval import get_protocol
+
+    b, out = cell.budget, []
+    try:
+        krr, dc = r["distilled"]["krr"], r["distilled"]["dc"]
+        if len(krr["accuracies"]) != b.repeats:
+            out.append(f"{len(krr['accuracies'])} networks, not {b.repeats}")
+        want = {**get_protocol("krr").arch_kwargs, **(b.krr_arch_kwargs or {})}
+        if krr["extra"].get("arch_kwargs") != want:
+            out.append(f"krr network {krr['extra'].get('arch_kwargs')}, not {want}")
+        if b.eval_steps is not None:
+            out.append("--eval-steps is not recorded in the result")
+        else:
+            for proto, res, epochs in (("krr", krr, None), ("dc", dc, b.dc_epochs)):
+                steps = get_protocol(proto).num_steps(res["num_images"], epochs)
+                if res["steps"] != steps:
+                    out.append(f"{proto} trained {res['steps']} steps, not {steps}")
+        if len(r["curve"]) > b.curve:  # fewer is possible: a run that reaches its step horizon early snapshots less
+            out.append(f"{len(r['curve'])} curve points for --curve {b.curve}")
+        horizon = b.max_steps or recipe_horizon(cell.path)
+        steps, minutes = r["steps"], r["distill_minutes"]
+        if horizon is not None and steps > horizon:
+            out.append(f"{steps} outer steps, beyond {horizon}")
+        # Distillation stops at the step horizon or at the wall-clock cap (measured from fit start, so the minutes
+        # recorded, which include building the run, reach the cap); set-up may add a couple of minutes.
+        if not ((horizon is not None and steps >= horizon) or minutes >= 0.98 * b.minutes):
+            out.append(f"stopped after {minutes:.1f} min and {steps} steps, short of the budget")
+        if minutes > 1.1 * b.minutes + 2:
+            out.append(f"ran {minutes:.1f} min, more than {b.minutes:g}")
+    except (KeyError, TypeError) as e:
+        out.append(f"result lacks {e}")
+    return out
+
+
+def run_cell(cell: Cell, out: Path, workdir: Path, threads: int | None) -> bool:
+    """Run one cell through distill_cell.py; on success record its budget in the JSON."""
+    from lightning_distill.io import atomic_path
+
+    recipe = cell.recipe if workdir.resolve() == REPO else str(cell.path)
+    cmd = [sys.executable, str(DISTILL_CELL), recipe, *cell.budget.args(), "--out", str(out.resolve())]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    print(f"[suite] {' '.join(cmd)}", flush=True)
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    started = time.time()
+    rc = subprocess.run(cmd, cwd=workdir, env=env).returncode
+    path = out / f"{cell.stem}.json"
+    if rc != 0 or not path.is_file() or path.stat().st_mtime < started:
+        print(f"[suite] {cell.stem} failed (exit status {rc})", flush=True)
+        return False
+    r = json.loads(path.read_text())
+    r["budget"] = cell.budget.to_dict()  # what the resume check compares; distill_cell.py does not record it
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(r, indent=2))
+    return True
+
+
+def run_matrix(cells: Sequence[Cell], out: Path, workdir: Path, force: bool, threads: int | None) -> list[str]:
+    """Run the cells not yet done; returns the stems of the cells that failed."""
+    failed = []
+    for i, cell in enumerate(cells, 1):
+        if not cell.path.is_file():
+            print(f"[suite] {i}/{len(cells)} {cell.recipe}: recipe not found, skipped", flush=True)
+            failed.append(cell.stem)
+            continue
+        done, why = cell_done(out / f"{cell.stem}.json", cell)
+        if done and not force:
+            print(f"[suite] {i}/{len(cells)} {cell.stem}: done ({why}), skipped; --force re-runs it", flush=True)
+            continue
+        print(f"[suite] {i}/{len(cells)} {cell.stem}: running ({why})", flush=True)
+        if not run_cell(cell, out, workdir, threads):
+            failed.append(cell.stem)
+    return failed
+
+
+# ------------------------------------------------------------------------------------------------ collecting
+@dataclass
+class Row:
+    """One line of the results table: one set (a method's or random real) scored under one or both protocols."""
+
+    dataset: str
+    ipc: int
+    method: str  # the method's class name, or RANDOM
+    krr: dict[str, Any] | None
+    dc: dict[str, Any] | None
+    paper: tuple[float, float] | None
+    paper_protocol: str  # the protocol of the published number
+    stamp: dict[str, Any]
+    source: str  # the file the row comes from (the cell's .md where there is one)
+    steps: int | None = None
+    minutes: float | None = None
+    ms_per_step: float | None = None
+    recipe: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nets(self) -> str:
+        counts = {len(r["accuracies"]) for r in (self.krr, self.dc) if r}
+        return "/".join(str(c) for c in sorted(counts)) or "–"
+
+
+def _eval_notes(res: dict[str, Any] | None) -> list[str]:
+    """Departures of one evaluation from its protocol (a narrower network, fewer steps), said beside the number."""
+    if not res:
+        return []
+    from lightning_distill.eval import get_protocol
+
+    proto, notes = get_protocol(res["protocol"]), []
+    kwargs = res.get("extra", {}).get("arch_kwargs")
+    if res["arch"] != proto.arch:
+        notes.append(f"{proto.name} net {res['arch']}")
+    if kwargs is not None and kwargs != proto.arch_kwargs:
+        changed = {k: v for k, v in kwargs.items() if proto.arch_kwargs.get(k) != v}
+        notes.append(f"{proto.name} net " + ", ".join(f"{k} {v}" for k, v in changed.items()))
+    default = proto.num_steps(res["num_images"])
+    if res["steps"] != default:
+        notes.append(f"{proto.name} {res['steps']} step{'s' * (res['steps'] != 1)} (protocol: {default})")
+    return notes
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def cell_rows(r: dict[str, Any], path: Path) -> list[Row]:
+    """The method's row and the random-real row of one distill_cell.py result."""
+    source = path.with_suffix(".md").name if path.with_suffix(".md").is_file() else path.name
+    recipe = Path(r["recipe"])
+    recipe_name = _rel(recipe) if recipe.is_absolute() else str(recipe)
+    common = {"dataset": r["dataset"], "ipc": r["ipc"], "stamp": r["stamp"], "source": source, "recipe": recipe_name}
+    ours = Row(
+        method=r["method"],
+        krr=r["distilled"]["krr"],
+        dc=r["distilled"]["dc"],
+        paper=tuple(r["paper"]) if r.get("paper") else None,
+        paper_protocol="krr",
+        steps=r["steps"],
+        minutes=r["distill_minutes"],
+        ms_per_step=r["ms_per_step"],
+        **common,
+    )
+    if r.get("skipped_steps"):
+        ours.notes.append(f"{r['skipped_steps']} skipped steps")
+    rand = Row(
+        method=RANDOM,
+        krr=r["random"]["krr"],
+        dc=r["random"]["dc"],
+        paper=tuple(r["random_paper_dc"]) if r.get("random_paper_dc") else None,
+        paper_protocol="dc",
+        **common,
+    )
+    for row in (ours, rand):
+        row.notes += [n for res in (row.krr, row.dc) for n in _eval_notes(res)]
+    return [ours, rand]
+
+
+def eval_rows(obj: dict[str, Any], path: Path) -> list[Row]:
+    """One row per result of a ``lightning-distill evaluate`` JSON."""
+    paper, random_paper = papers()
+    rows = []
+    for res in obj["results"]:
+        e = res.get("extra", {})
+        if "dataset" not in e or "ipc" not in e:
+            continue  # a result without its set's description cannot be placed in the table
+        method = RANDOM if e.get("method") == "RandomSubset" else e.get("method", "?")
+        ipc, dataset = int(e["ipc"]), e["dataset"]
+        if method == RANDOM:
+            pub, proto = random_paper.get(dataset, {}).get(ipc), "dc"
+        else:
+            pub, proto = paper.get(method, {}).get(dataset, {}).get(ipc), "krr"
+        row = Row(
+            dataset=dataset,
+            ipc=ipc,
+            method=method,
+            krr=res if res["protocol"] == "krr" else None,
+            dc=res if res["protocol"] == "dc" else None,
+            paper=tuple(pub) if pub else None,
+            paper_protocol=proto,
+            stamp=obj["stamp"],
+            source=path.name,
+        )
+        row.notes = [f"lightning-distill evaluate ({e.get('method', '?')})", *_eval_notes(res)]
+        rows.append(row)
+    return rows
+
+
+def collect(out: Path) -> tuple[list[Row], dict[str, Any] | None, list[str]]:
+    """Rows from every JSON in ``out``, the speed.py result if present, and the files that were not understood."""
+    rows: list[Row] = []
+    speed, ignored = None, []
+    for path in sorted(out.glob("*.json")):
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            ignored.append(path.name)
+            continue
+        if not isinstance(obj, dict):
+            ignored.append(path.name)
+        elif "recipe" in obj and "distilled" in obj:
+            rows += cell_rows(obj, path)
+        elif isinstance(obj.get("results"), list) and "stamp" in obj:
+            rows += eval_rows(obj, path)
+        elif path.name == "speed.json":
+            speed = obj
+        elif "rows" not in obj:  # frepo_speed.json and the like have tables of their own
+            ignored.append(path.name)
+    rows.sort(key=_order)
+    return rows, speed, ignored
+
+
+def _dataset_key(dataset: str) -> tuple[int, str]:
+    return (DATASET_ORDER.index(dataset) if dataset in DATASET_ORDER else len(DATASET_ORDER)), dataset
+
+
+def _order(r: Row) -> tuple:
+    return *_dataset_key(r.dataset), r.ipc, r.method == RANDOM, r.method, r.stamp.get("date", "")
+
+
+# ------------------------------------------------------------------------------------------------- reporting
+def _pm(r: dict[str, Any] | None) -> str:
+    return "–" if not r else f"{r['mean']:.1f} ± {r['std']:.1f}"
+
+
+def table(rows: Sequence[Row], link_dir: str) -> str:
+    """The markdown table; ``link_dir`` is the results folder relative to the file the table goes into."""
+    lines = [
+        "| dataset | IPC | set | krr protocol | dc protocol | paper | distillation | nets | notes "
+        "| hardware | torch | commit | date | details |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        paper = f"{r.paper[0]} ± {r.paper[1]} ({r.paper_protocol})" if r.paper else "–"
+        distil = "–"
+        if r.steps is not None:
+            distil = f"{r.steps} steps, {r.minutes:.1f} min, {r.ms_per_step:.0f} ms/step"
+        s = r.stamp
+        lines.append(
+            f"| {r.dataset} | {r.ipc} | {r.method} | {_pm(r.krr)} | {_pm(r.dc)} | {paper} | {distil} | {r.nets} "
+            f"| {'; '.join(r.notes)} | {s.get('hardware', '?')} | {s.get('torch', '?')} | {s.get('commit', '?')} "
+            f"| {s.get('date', '?')} | [{r.source}]({link_dir}/{r.source}) |"
+        )
+    return "\n".join(lines)
+
+
+def plot_accuracy(rows: Sequence[Row], dataset: str, path: Path) -> None:
+    """Accuracy against IPC on one dataset: each method and random real under both protocols, the papers' points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paper, random_paper = papers()
+    mine = [r for r in rows if r.dataset == dataset]
+    methods = sorted({r.method for r in mine if r.method != RANDOM}) + [RANDOM]
+    colour = {m: ("0.45" if m == RANDOM else f"C{i}") for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ipcs: set[int] = set()
+    for m in methods:
+        for proto, style in (("krr", "o-"), ("dc", "s--")):
+            latest: dict[int, dict[str, Any]] = {}  # the most recent measurement per IPC
+            for r in sorted((r for r in mine if r.method == m), key=lambda r: r.stamp.get("date", "")):
+                res = getattr(r, proto)
+                if res:
+                    latest[r.ipc] = res
+            if not latest:
+                continue
+            xs = sorted(latest)
+            ipcs.update(xs)
+            ax.errorbar(
+                xs,
+                [latest[x]["mean"] for x in xs],
+                yerr=[latest[x]["std"] for x in xs],
+                fmt=style,
+                color=colour[m],
+                capsize=3,
+                label=f"{m} ({proto}, ours)",
+            )
+        pub = random_paper.get(dataset, {}) if m == RANDOM else paper.get(m, {}).get(dataset, {})
+        if pub:
+            xs = sorted(pub)
+            ipcs.update(xs)
+            ax.errorbar(
+                xs,
+                [pub[x][0] for x in xs],
+                yerr=[pub[x][1] for x in xs],
+                fmt="*",
+                markersize=12,
+                color=colour[m],
+                capsize=3,
+                label=f"{m} (paper, {'dc' if m == RANDOM else 'krr'})",
+            )
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(ipcs))
+    ax.set_xticklabels([str(i) for i in sorted(ipcs)])
+    ax.set_xlabel("images per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{dataset}: accuracy against IPC (latest run per point)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    _footer(fig, mine)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    _save(fig, path)
+
+
+def plot_time(rows: Sequence[Row], speed: dict[str, Any] | None, path: Path) -> None:
+    """Milliseconds per outer step of every distilled cell (and of speed.py's configurations, when present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in rows if r.ms_per_step is not None]
+    speed_rows = [r for r in (speed or {}).get("rows", []) if "median_ms" in r]
+    panels = [p for p in ("cells", "speed") if (cells if p == "cells" else speed_rows)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.5), squeeze=False)
+    methods = sorted({r.method for r in cells} | {r["method"] for r in speed_rows})
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}
+    for ax, panel in zip(axes[0], panels, strict=False):
+        if panel == "cells":
+            labels = [f"{r.dataset}\nIPC {r.ipc}\n{Path(r.recipe or '').stem}" for r in cells]
+            ax.bar(range(len(cells)), [r.ms_per_step for r in cells], color=[colour[r.method] for r in cells])
+            ax.set_title("distillation runs (wall clock incl. set-up / steps)", fontsize=9)
+        else:
+            labels = [f"{r['method']}\n{r['input']}\nIPC {r['ipc']}" for r in speed_rows]
+            ax.bar(
+                range(len(speed_rows)),
+                [r["median_ms"] for r in speed_rows],
+                color=[colour[r["method"]] for r in speed_rows],
+            )
+            ax.set_title(f"speed.py, {speed['device']}, profile {speed['profile']} (median)", fontsize=9)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, fontsize=6)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per outer step")
+    if methods:
+        from matplotlib.patches import Patch
+
+        axes[0, 0].legend(handles=[Patch(color=colour[m], label=m) for m in methods], fontsize=7)
+    _footer(fig, cells, extra=[speed["stamp"]] if speed else [])
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    _save(fig, path)
+
+
+def _footer(fig: Any, rows: Sequence[Row], extra: Sequence[dict[str, Any]] = ()) -> None:
+    stamps = {(s.get("hardware"), s.get("torch")) for s in [r.stamp for r in rows] + list(extra)}
+    text = " | ".join(f"{h}, torch {t}" for h, t in sorted(stamps, key=str))
+    fig.text(0.01, 0.01, text, fontsize=6)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from lightning_distill.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
+    """Write RESULTS.md and the plots from every result in ``out``; returns the rows and RESULTS.md's text."""
+    from lightning_distill.io import atomic_path
+
+    rows, speed, ignored = collect(out)
+    link = os.path.relpath(out.resolve(), results_md.resolve().parent)
+    datasets = sorted({r.dataset for r in rows}, key=_dataset_key)
+    for d in datasets:
+        plot_accuracy(rows, d, out / f"accuracy_vs_ipc_{d}.png")
+    if any(r.ms_per_step is not None for r in rows) or speed:
+        plot_time(rows, speed, out / "time_per_step.png")
+    parts = [
+        "# Benchmark results",
+        "",
+        f"Generated by `python benchmarks/suite.py` from the {len(rows)} rows of the JSON results in "
+        f"[`{_rel(out)}`]({link}); do not edit by hand. Measured numbers are test accuracy (%, mean ± std over "
+        "fresh networks) under the `krr` protocol (FRePo/RCIG's, the methods' own) and the `dc` protocol; "
+        "*paper* is the published ConvNet number under the protocol in brackets (random real: Zhao et al. 2021). "
+        "*notes* lists every departure from a protocol (narrower networks, fewer steps): such numbers are not "
+        "comparable with the papers'.",
+        "",
+        table(rows, link) if rows else "No results yet: run `python benchmarks/suite.py --matrix cpu`.",
+        "",
+    ]
+    if datasets:
+        parts += ["## Accuracy against images per class", ""]
+        parts += [f"![{d}]({link}/accuracy_vs_ipc_{d}.png)" for d in datasets] + [""]
+    if any(r.ms_per_step is not None for r in rows) or speed:
+        parts += ["## Time per outer step", "", f"![time per step]({link}/time_per_step.png)", ""]
+    if (out / "speed.md").is_file():
+        parts += [(out / "speed.md").read_text().replace("## ", "### ", 1), ""]
+    if (out / "frepo_speed.md").is_file():
+        parts += [f"FRePo at the official and CPU settings: [frepo_speed.md]({link}/frepo_speed.md).", ""]
+    if ignored:
+        parts += [f"Files not understood (ignored): {', '.join(ignored)}.", ""]
+    text = "\n".join(parts)
+    with atomic_path(results_md) as tmp:
+        tmp.write_text(text)
+    return rows, text
+
+
+def replace_block(text: str, block: str) -> str | None:
+    """``text`` with the block between the results markers replaced by ``block``; ``None`` without both markers."""
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < i:
+        return None
+    return text[: i + len(START)] + "\n" + block.strip("\n") + "\n" + text[j:]
+
+
+def update_readme(readme: Path, rows: Sequence[Row], out: Path) -> bool:
+    """Put the table between README's markers; say so and leave the file alone where the markers are missing."""
+    from lightning_distill.io import atomic_path
+
+    link = os.path.relpath(out.resolve(), readme.resolve().parent)
+    block = table(rows, link) if rows else "No measured results yet."
+    new = replace_block(readme.read_text(), block)
+    if new is None:
+        print(f"[suite] {readme} has no {START} ... {END} block: README left unchanged", flush=True)
+        return False
+    with atomic_path(readme) as tmp:
+        tmp.write_text(new)
+    print(f"[suite] wrote the results table into {readme}", flush=True)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the matrix (unless ``--report-only``), then the report; returns the exit status."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--matrix", choices=sorted(MATRICES), help="which cells to run")
+    p.add_argument("--only", nargs="+", default=None, help="run only cells whose name contains one of these")
+    p.add_argument("--force", action="store_true", help="re-run cells whose result already exists")
+    p.add_argument("--out", default=str(BENCH / "results"), help="results folder (default benchmarks/results)")
+    p.add_argument("--results-md", default=None, help="the report (default: RESULTS.md beside the results folder)")
+    p.add_argument("--workdir", default=str(REPO), help="where cells run (their runs/bench/ goes there)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per cell")
+    p.add_argument("--report-only", action="store_true", help="only write RESULTS.md, the plots (and README)")
+    p.add_argument("--readme", action="store_true", help="also put the table between README.md's markers")
+    p.add_argument("--readme-path", default=str(REPO / "README.md"))
+    p.add_argument("--list", action="store_true", help="print the matrices and their cells")
+    p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
+    g = p.add_argument_group("budget overrides (default: the matrix's budget)")
+    for f in dataclasses.fields(Budget):
+        kind = str if f.name == "krr_arch_kwargs" else float if f.name == "minutes" else int
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+    a = p.parse_args(argv)
+
+    if a.list:
+        for m in MATRICES.values():
+            print(f"{m.name}: {m.description}")
+            for c in m.cells:
+                print(f"    {c.recipe}  {' '.join(c.budget.args())}")
+        return 0
+    if not a.matrix and not a.report_only:
+        p.error("give --matrix NAME (or --report-only, or --list)")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    if a.matrix and not a.report_only:
+        over = {f.name: getattr(a, f.name) for f in dataclasses.fields(Budget) if getattr(a, f.name) is not None}
+        if "krr_arch_kwargs" in over:
+            over["krr_arch_kwargs"] = json.loads(over["krr_arch_kwargs"])
+        cells = [dataclasses.replace(c, budget=dataclasses.replace(c.budget, **over)) for c in MATRICES[a.matrix].cells]
+        if a.only:
+            cells = [c for c in cells if any(s in c.stem for s in a.only)]
+        if a.dry_run:
+            for c in cells:
+                done, why = cell_done(out / f"{c.stem}.json", c)
+                print(f"{'skip' if done and not a.force else 'run '} {c.recipe} {' '.join(c.budget.args())}  ({why})")
+            return 0
+        failed = run_matrix(cells, out, Path(a.workdir), a.force, a.threads)
+    results_md = Path(a.results_md) if a.results_md else out.resolve().parent / "RESULTS.md"
+    rows, _ = report(out, results_md)
+    print(f"[suite] {len(rows)} rows; wrote {results_md}", flush=True)
+    if a.readme:
+        update_readme(Path(a.readme_path), rows, out)
+    if failed:
+        print(f"[suite] failed: {', '.join(failed)}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

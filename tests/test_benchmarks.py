@@ -1,0 +1,190 @@
+"""benchmarks/: the suite (one smoke cell end to end, resume, report, README block) and speed.py on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+from lightning_distill.eval import EvalResult
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import suite  # noqa: E402
+from matrices import MATRICES  # noqa: E402
+
+THREADS = os.environ.get("LIGHTNING_DISTILL_TEST_THREADS", "2")
+
+
+def _truncate_idx(src: Path, dst: Path, n: int) -> None:
+    """The first ``n`` records of an MNIST idx file (big-endian header: magic, count, then the other dims)."""
+    data = src.read_bytes()
+    ndim = data[3]
+    dims = list(struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim]))
+    record = 1
+    for d in dims[1:]:
+        record *= d
+    start = 4 + 4 * ndim
+    dst.write_bytes(data[:4] + struct.pack(f">{ndim}I", n, *dims[1:]) + data[start : start + n * record])
+
+
+def mnist_root(data_root: Path, dst: Path, n_train: int = 2000, n_test: int = 500) -> Path:
+    """A data root holding the first real MNIST images only, in torchvision's layout.
+
+    distill_cell.py scores every set on the whole test split with the dc protocol's width-128 network, which takes
+    tens of seconds per set on one core; the first 500 test images keep the smoke cell to seconds.
+    """
+    raw = dst / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{split}-{kind}-ubyte"
+            _truncate_idx(data_root / "MNIST" / "raw" / name, raw / name, n)
+    return dst
+
+
+def _env(data: Path, cache: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LIGHTNING_DISTILL_DATA": str(data),
+        "LIGHTNING_DISTILL_CACHE": str(cache),
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": THREADS,
+    }
+
+
+def _suite(tmp: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BENCH / "suite.py"), "--out", str(tmp / "results"), "--workdir", str(tmp), *args]
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_matrix_end_to_end(data_root: Path, tmp_path: Path) -> None:
+    env = _env(mnist_root(data_root, tmp_path / "data"), tmp_path / "cache")
+    p = _suite(tmp_path, env, "--matrix", "smoke", "--threads", THREADS)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cell = MATRICES["smoke"].cells[0]
+    r = json.loads((tmp_path / "results" / f"{cell.stem}.json").read_text())
+    assert (r["method"], r["dataset"], r["ipc"], r["steps"]) == ("FRePo", "mnist", 1, 2)
+    assert r["budget"] == cell.budget.to_dict()
+    assert len(r["distilled"]["krr"]["accuracies"]) == 1 and r["random"]["dc"]["steps"] == 1
+    assert {"date", "hardware", "torch", "commit"} <= set(r["stamp"])
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| mnist | 1 | FRePo |" in md and "| mnist | 1 | random real |" in md
+    assert "93.0 ± 0.4 (krr)" in md and r["stamp"]["commit"] in md
+    assert (tmp_path / "results" / "accuracy_vs_ipc_mnist.png").stat().st_size > 0
+    assert (tmp_path / "results" / "time_per_step.png").stat().st_size > 0
+
+    # Resume: the cell is done at this budget, so nothing runs again; another budget would re-run it.
+    p = _suite(tmp_path, env, "--matrix", "smoke")
+    assert p.returncode == 0 and "done (same budget), skipped" in p.stdout, p.stdout + p.stderr
+    p = _suite(tmp_path, env, "--matrix", "smoke", "--repeats", "2", "--dry-run")
+    assert p.returncode == 0 and p.stdout.startswith("run "), p.stdout + p.stderr
+
+
+def _cell_result(stamp: dict, **over) -> dict:
+    """A distill_cell.py result in its format (numbers made up; the evaluations are real EvalResult dicts)."""
+
+    def ev(protocol: str, arch: str, accs: list[float], steps: int, kwargs: dict) -> dict:
+        return EvalResult(protocol, arch, accs, 10, steps, 1.0, {"arch_kwargs": kwargs}).to_dict()
+
+    krr_kw = {"norm": "none", "width": 64}
+    dc_kw = {"width": 128, "norm": "instance"}
+    res = {
+        "recipe": "recipes/frepo/mnist_ipc1_cpu.yaml",
+        "method": "FRePo",
+        "dataset": "mnist",
+        "ipc": 1,
+        "steps": 2400,
+        "distill_minutes": 21.0,
+        "ms_per_step": 525.0,
+        "skipped_steps": 0,
+        "stamp": stamp,
+        "paper": [93.0, 0.4],
+        "random_paper_dc": [64.9, 3.5],
+        "distilled": {
+            "krr": ev("krr", "convnet_frepo", [90.0] * 5, 1000, krr_kw),
+            "dc": ev("dc", "convnet", [85.0] * 5, 1000, dc_kw),
+        },
+        "random": {
+            "krr": ev("krr", "convnet_frepo", [60.0] * 5, 1000, krr_kw),
+            "dc": ev("dc", "convnet", [64.0] * 5, 1000, dc_kw),
+        },
+        "curve": [],
+    }
+    res.update(over)
+    return res
+
+
+STAMP = {"date": "2026-01-01 00:00 UTC", "hardware": "Test CPU, 2 cores", "torch": "2.x", "commit": "abc1234"}
+
+
+def test_resume_check_of_results_run_by_hand(tmp_path: Path) -> None:
+    cell = MATRICES["cpu"].cells[0]  # frepo mnist_ipc1_cpu at the CPU budget: 5 nets, krr width 64, 2400 steps
+    path = tmp_path / f"{cell.stem}.json"
+    path.write_text(json.dumps(_cell_result(STAMP)))
+    assert suite.cell_done(path, cell)[0]
+    path.write_text(json.dumps(_cell_result(STAMP, steps=900, distill_minutes=12.0)))  # stopped early
+    assert not suite.cell_done(path, cell)[0]
+    path.write_text(json.dumps(_cell_result(STAMP, recipe="recipes/frepo/mnist_ipc10_cpu.yaml")))
+    assert not suite.cell_done(path, cell)[0]
+
+
+def test_report_rows_and_readme_block(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "frepo_mnist_ipc1_cpu.json").write_text(json.dumps(_cell_result(STAMP)))
+    # What `lightning-distill evaluate` writes for a RandomSubset set at IPC 10 under dc.
+    extra = {"arch_kwargs": {"width": 128, "norm": "instance"}, "dataset": "mnist", "ipc": 10, "method": "RandomSubset"}
+    result = EvalResult("dc", "convnet", [64.0, 66.0], 100, 1000, 3.0, extra).to_dict()
+    evaluated = {"stamp": {**STAMP, "commit": "def5678"}, "results": [result]}
+    (out / "distilled_eval_dc.json").write_text(json.dumps(evaluated))
+    rows, md = suite.report(out, tmp_path / "RESULTS.md")
+    assert [(r.dataset, r.ipc, r.method) for r in rows] == [
+        ("mnist", 1, "FRePo"),
+        ("mnist", 1, "random real"),
+        ("mnist", 10, "random real"),
+    ]
+    assert "| 90.0 ± 0.0 | 85.0 ± 0.0 | 93.0 ± 0.4 (krr) | 2400 steps, 21.0 min, 525 ms/step |" in md
+    assert "| mnist | 10 | random real | – | 65.0 ± 1.0 | 95.1 ± 0.9 (dc) |" in md
+    assert "krr net width 64" in md and "def5678" in md and "Test CPU, 2 cores" in md
+    assert (out / "accuracy_vs_ipc_mnist.png").is_file() and (out / "time_per_step.png").is_file()
+
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    original = readme.read_text()
+    if suite.START not in original:  # the lead adds the markers; the test must not depend on when
+        original = original.replace("RESULTS_TABLE", f"{suite.START}\nold table\n{suite.END}")
+        readme.write_text(original)
+    old_block = original.split(suite.START)[1].split(suite.END)[0].strip()
+    assert suite.update_readme(readme, rows, out)
+    text = readme.read_text()
+    assert old_block not in text and "| mnist | 10 | random real |" in text and "(results/frepo_mnist" in text
+    assert text.split(suite.START)[0] == original.split(suite.START)[0]
+    assert text.split(suite.END)[1] == original.split(suite.END)[1]
+    no_markers = tmp_path / "plain.md"
+    no_markers.write_text("# nothing here\n")
+    assert not suite.update_readme(no_markers, rows, out) and no_markers.read_text() == "# nothing here\n"
+
+
+def test_speed_one_step_per_method(tmp_path: Path) -> None:
+    import speed
+
+    cmd = [sys.executable, str(BENCH / "speed.py"), "--steps", "1", "--ipcs", "1", "--device", "cpu"]
+    cmd += ["--profile", "smoke", "--matmul-size", "256", "--threads", THREADS, "--out", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "speed.json").read_text())
+    assert res["matmul"]["gflops"] > 0 and {"date", "hardware", "torch", "commit"} <= set(res["stamp"])
+    methods = speed.discover_methods()
+    assert {"FRePo", "RandomSubset"} <= set(methods)
+    for m in methods:
+        rows = [r for r in res["rows"] if r["method"] == m]
+        assert len(rows) == 2 and all("error" not in r and r["median_ms"] > 0 for r in rows), rows
+    frepo = [r for r in res["rows"] if r["method"] == "FRePo"]
+    assert all(r["flops_per_step"] > 0 and r["matmul_fraction"] > 0 for r in frepo)
+    assert "| FRePo | 28px grey | 1 |" in (tmp_path / "speed.md").read_text()
