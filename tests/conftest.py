@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,12 @@ def _few_threads():
     # CI has 2 cores; LIGHTNING_DISTILL_TEST_THREADS=1 keeps parallel runs from oversubscribing them.
     torch.set_num_threads(int(os.environ.get("LIGHTNING_DISTILL_TEST_THREADS", "2")))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb_runs():
+    # wandb keeps one global run: a test that leaves it open would make the next WandbLogger reuse it.
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
