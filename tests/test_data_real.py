@@ -265,3 +265,16 @@ def test_cli_signature() -> None:
     cfg = parser.parse_args(["--data.val_size", "5000", "--data.zca", "trace"])
     dm = MNISTDataModule(**cfg.data.as_dict())
     assert dm.val_size == 5000 and dm.zca == "trace" and dm.normalize
+
+
+def test_failed_download_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_distill.data.torchvision_sets as tv
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://x/, got:\n<urlopen error>")
+
+    monkeypatch.setattr(tv.datasets, "MNIST", offline)
+    dm = MNISTDataModule(root=str(tmp_path), download=True)
+    with pytest.raises(DatasetNotFoundError, match="downloading it failed") as e:
+        dm.load_split("test")
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value) and "LIGHTNING_DISTILL_DATA" in str(e.value)

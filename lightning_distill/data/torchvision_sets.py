@@ -32,6 +32,12 @@ class _TorchvisionDataModule(RealDataModule):
             # torchvision says "Dataset not found [or corrupted]. You can use download=True": say where and how.
             if "not found" in str(err).lower():
                 raise self.not_found(root) from err
+            # A failed download (no network) lists every mirror it tried: one line naming the root and the fix.
+            if "error downloading" in str(err).lower():
+                raise DatasetNotFoundError(
+                    f"{self.name} is not under {root} and downloading it failed (no internet access?): set root / "
+                    f"LIGHTNING_DISTILL_DATA to a folder that holds it (expected {root / self.expected_path})"
+                ) from None
             raise
         return self._arrays(ds)
 
