@@ -65,3 +65,12 @@ def test_bad_arguments(data_root):
         train_on_distilled(x, y[:3], x_te, y_te)
     with pytest.raises(ValueError, match="unknown"):
         train_on_distilled(x, y, x_te, y_te, arch="nope", steps=1, progress=False)
+
+
+def test_dc_takes_the_argmax_class_of_float_labels(data_root):
+    x, y, x_te, y_te = _sets(data_root, ipc=2)
+    soft = torch.nn.functional.one_hot(y, 10).float() * 0.7 - 0.05
+    a = train_on_distilled(x, soft, x_te, y_te, protocol="dc", arch="mlp", repeats=1, steps=10, progress=False)
+    b = train_on_distilled(x, y, x_te, y_te, protocol="dc", arch="mlp", repeats=1, steps=10, progress=False)
+    assert a.accuracies == b.accuracies
+    assert a.extra["labels"] == "argmax class" and b.extra["labels"] == "as stored"

@@ -21,7 +21,8 @@ class Protocol:
         name: ``dc`` or ``krr``.
         arch: default network (registry name) and ``arch_kwargs`` its options.
         optimizer: ``sgd`` or ``adam``; ``lr``, ``momentum``, ``weight_decay`` its settings.
-        loss: ``ce`` for hard labels; float labels are always regressed with MSE (``mse`` forces MSE).
+        loss: ``ce`` (cross-entropy on class ids; float labels enter as their argmax class) or ``mse`` (regression
+            on float labels; class ids as centred one-hot).
         schedule: ``step_half`` (lr x0.1 after half the steps) or ``warmup_cosine`` (linear warm-up, cosine to 1 %).
         epochs: passes over the set (``dc``); ``None`` means the step count comes from :meth:`num_steps`.
         batch_size: training batch (capped at the set size).
