@@ -27,7 +27,7 @@ from stamp import stamp  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS, train_on_distilled  # noqa: E402
-from lightning_distill.export import build_export, save_distilled  # noqa: E402
+from lightning_distill.export import save_distilled  # noqa: E402
 from lightning_distill.synthetic import select_real  # noqa: E402
 
 # Published ConvNet accuracies (%), method -> dataset -> ipc -> (mean, std). MNIST/F-MNIST FRePo numbers are
@@ -61,7 +61,7 @@ class Snapshots(L.Callback):
 
     def save(self, trainer: L.Trainer, pl_module: Any, elapsed: float) -> None:
         path = self.folder / f"step{trainer.global_step}.pt"
-        payload = build_export(pl_module.synthetic, pl_module.data_info, type(pl_module).__name__, {}, pl_module.seed)
+        payload = pl_module.export_payload()
         save_distilled(payload, path)
         self.taken.append({"minutes": elapsed / 60, "step": trainer.global_step, "path": str(path)})
 

@@ -43,3 +43,21 @@ def tiny_mnist_dm(root: Path, batch_size: int = 64, n_train: int = 600, seed: in
         seed=seed,
         **kwargs,
     )
+
+
+def quiet_trainer(tmp_path: Path, steps: int, callbacks: list | None = None, logger=False, **kwargs):
+    """A CPU Trainer for ``steps`` outer steps without progress bar, summary or default checkpointing."""
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        default_root_dir=tmp_path,
+        callbacks=callbacks or [],
+        **kwargs,
+    )

@@ -15,7 +15,7 @@ from lightning_distill.callbacks import CrossArchitectureEval
 from lightning_distill.data import ArrayDataModule
 from lightning_distill.methods import FRePo, RandomSubset
 from lightning_distill.synthetic import PixelSet
-from tests.helpers import mnist_subset, tiny_mnist_dm
+from tests.helpers import mnist_subset, quiet_trainer, tiny_mnist_dm
 
 TINY = {"archs": ["mlp", "lenet"], "steps": 3, "repeats": 1, "progress": False}
 
@@ -56,17 +56,7 @@ def _frepo(seed: int = 0) -> FRePo:
 def _fit(root: Path, tmp_path: Path, callbacks: list, steps: int, method=None, logger=None, ckpt_path=None, dm=None):
     L.seed_everything(0, verbose=False)
     method = method if method is not None else RandomSubset(synthetic=PixelSet(ipc=1))
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=logger if logger is not None else False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(tmp_path, steps, callbacks, logger=logger if logger is not None else False)
     dm = dm if dm is not None else tiny_mnist_dm(root, batch_size=32)
     trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
     return method, dm, trainer

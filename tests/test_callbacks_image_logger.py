@@ -15,7 +15,7 @@ from lightning_distill.callbacks.image_logger import label_heatmap
 from lightning_distill.export import load_distilled
 from lightning_distill.methods import FRePo, RandomSubset
 from lightning_distill.synthetic import PixelSet
-from tests.helpers import tiny_mnist_dm
+from tests.helpers import quiet_trainer, tiny_mnist_dm
 
 
 def _frepo() -> FRePo:
@@ -24,17 +24,7 @@ def _frepo() -> FRePo:
 
 def _fit(root: Path, tmp_path: Path, callback: SyntheticImageLogger, steps: int, method=None, logger=None):
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=logger if logger is not None else False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(tmp_path, steps, [callback], logger=logger if logger is not None else False)
     method = method if method is not None else _frepo()
     trainer.fit(method, datamodule=tiny_mnist_dm(root, batch_size=32))
     return method, trainer

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
 from lightning_distill.functional import centred_one_hot, krr_predict
 from lightning_distill.methods import FRePo
 from lightning_distill.synthetic import PixelSet
-from tests.helpers import tiny_mnist_dm
+from tests.helpers import quiet_trainer, tiny_mnist_dm
 
 
 class _FakePool:
@@ -82,15 +81,7 @@ def test_label_margin_only_with_learned_labels():
 
 
 def _trainer(tmp_path, steps):
-    return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    return quiet_trainer(tmp_path, steps)
 
 
 def test_pool_steps_and_resets_during_training(data_root, tmp_path):

@@ -11,7 +11,7 @@ from lightning_distill.data import DistilledDataModule
 from lightning_distill.export import load_distilled
 from lightning_distill.methods import FRePo, RandomSubset
 from lightning_distill.synthetic import PixelSet
-from tests.helpers import tiny_mnist_dm
+from tests.helpers import quiet_trainer, tiny_mnist_dm
 
 METHODS = {
     "random": lambda seed: RandomSubset(synthetic=PixelSet(ipc=2), seed=seed),
@@ -30,17 +30,7 @@ def _fit(name, root, tmp_path, seed=0, steps=2, ckpt_path=None, **trainer_kwargs
     L.seed_everything(seed, verbose=False)
     method = METHODS[name](seed)
     dm = tiny_mnist_dm(root, batch_size=64, seed=seed)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[ExportDistilled()],
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, steps, [ExportDistilled()], **trainer_kwargs)
     trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
     return method, dm, trainer
 

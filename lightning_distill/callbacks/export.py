@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lightning_distill.export import build_export, save_distilled
+from lightning_distill.export import save_distilled
 from lightning_distill.viz import image_grid, save_grid_png, upscale
 
 
@@ -40,13 +40,7 @@ class ExportDistilled(L.Callback):
     @rank_zero_only
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         """Write the current set now; returns the export's path."""
-        payload = build_export(
-            pl_module.synthetic,
-            pl_module.data_info,
-            method=type(pl_module).__name__,
-            config=pl_module.config(),
-            seed=pl_module.seed,
-        )
+        payload = pl_module.export_payload()
         path = save_distilled(payload, self.resolve_path(trainer))
         if self.png:
             from lightning_distill.data.preprocess import Preprocessing

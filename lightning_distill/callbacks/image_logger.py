@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightning_distill.export import build_export, save_distilled
+from lightning_distill.export import save_distilled
 from lightning_distill.viz import image_grid, save_grid_png, upscale
 
 
@@ -109,13 +109,7 @@ class SyntheticImageLogger(L.Callback):
         """Log the current set as a W&B artifact (one export file); returns the artifact."""
         import wandb
 
-        payload = build_export(
-            pl_module.synthetic,
-            pl_module.data_info,
-            method=type(pl_module).__name__,
-            config=pl_module.config(),
-            seed=pl_module.seed,
-        )
+        payload = pl_module.export_payload()
         # W&B artifact names allow letters, digits, '-', '_' and '.': custom dataset names may hold anything else.
         dataset = re.sub(r"[^A-Za-z0-9._-]+", "-", str(payload["dataset"]))
         artifact = wandb.Artifact(

@@ -187,6 +187,12 @@ class DistillationMethod(L.LightningModule):
         """Restore what :meth:`method_state_dict` returned."""
 
     # -------------------------------------------------------------------------------------------- export
+    def export_payload(self) -> dict[str, Any]:
+        """The current synthetic set in the export format (a detached CPU snapshot with its metadata)."""
+        from lightning_distill.export import build_export
+
+        return build_export(self.synthetic, self.data_info, type(self).__name__, self.config(), self.seed)
+
     def config(self) -> dict[str, Any]:
         """The method's configuration, recorded in exports (plain values only)."""
         hp = {k: _plain(v) for k, v in self.hparams.items()}
