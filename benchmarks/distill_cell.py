@@ -28,6 +28,7 @@ from stamp import stamp  # noqa: E402
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS, train_on_distilled  # noqa: E402
 from lightning_distill.export import save_distilled  # noqa: E402
+from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.synthetic import select_real  # noqa: E402
 
 # Published ConvNet accuracies (%), method -> dataset -> ipc -> (mean, std). MNIST/F-MNIST FRePo numbers are
@@ -72,6 +73,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the distillation")
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps (cosine horizon)")
     p.add_argument("--repeats", type=int, default=5, help="networks per evaluation")
+    p.add_argument(
+        "--random-repeats", type=int, default=None, help="networks per evaluation of random real (default: --repeats)"
+    )
     p.add_argument("--krr-arch-kwargs", default=None, help="JSON options of the krr evaluation network")
     p.add_argument("--dc-epochs", type=int, default=None, help="override the dc protocol's 1000 epochs")
     p.add_argument("--eval-steps", type=int, default=None, help="override both protocols' step counts (smoke tests)")
@@ -146,22 +150,30 @@ def main() -> None:
         "paper": PAPER.get(type(method).__name__, {}).get(dataset, {}).get(ipc),
         "random_paper_dc": RANDOM_PAPER.get(dataset, {}).get(ipc),
     }
-    res["distilled"] = {
-        "krr": score(x_syn, y_syn, "krr", krr_kwargs),
-        "dc": score(x_syn, y_syn, "dc", epochs=a.dc_epochs),
-    }
-    res["random"] = {
-        "krr": score(x_rand, y_rand, "krr", krr_kwargs),
-        "dc": score(x_rand, y_rand, "dc", epochs=a.dc_epochs),
-    }
-    res["curve"] = []
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{Path(a.recipe).parent.name}_{name}"
+    partial = out / f"{stem}.partial.json"
+
+    def checkpoint() -> None:
+        # An evaluation takes up to hours on a CPU: keep what is scored so far if the run dies.
+        with atomic_path(partial) as tmp:
+            tmp.write_text(json.dumps(res, indent=2))
+
+    random_repeats = a.repeats if a.random_repeats is None else a.random_repeats
+    res["distilled"], res["random"], res["curve"] = {}, {}, []
+    for key, x, y, reps in [("distilled", x_syn, y_syn, a.repeats), ("random", x_rand, y_rand, random_repeats)]:
+        res[key]["krr"] = score(x, y, "krr", krr_kwargs, repeats=reps)
+        checkpoint()
+        res[key]["dc"] = score(x, y, "dc", repeats=reps, epochs=a.dc_epochs)
+        checkpoint()
     for s in snaps.taken if snaps else []:
         snap = torch.load(s["path"], weights_only=True)
         r = score(snap["images"], snap["labels"], "krr", krr_kwargs, repeats=1)
         res["curve"].append({**s, "krr_acc": r["mean"]})
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{Path(a.recipe).parent.name}_{name}"
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+        checkpoint()
+    with atomic_path(out / f"{stem}.json") as tmp:
+        tmp.write_text(json.dumps(res, indent=2))
+    partial.unlink(missing_ok=True)
     (out / f"{stem}.md").write_text(markdown(res))
     plot(res, out / f"{stem}.png")
     print(markdown(res))
@@ -188,7 +200,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {r['method']} (ours) | {_pm(r['distilled']['krr'])} | {_pm(r['distilled']['dc'])} | {paper} |",
             f"| random real (ours) | {_pm(r['random']['krr'])} | {_pm(r['random']['dc'])} | {rp} (dc) |",
             "",
-            f"Networks per cell: {len(r['distilled']['krr']['accuracies'])}; krr network: "
+            f"Networks per evaluation: {len(r['distilled']['krr']['accuracies'])} for the {r['method']} set, "
+            f"{len(r['random']['krr']['accuracies'])} for random real; krr network: "
             f"{r['distilled']['krr']['arch']} {krr_arch}; dc network: convnet (width 128, instance norm).",
             *(
                 [""]

@@ -85,6 +85,9 @@ def _inconsistencies(r: dict[str, Any], cell: Cell) -> list[str]:
         krr, dc = r["distilled"]["krr"], r["distilled"]["dc"]
         if len(krr["accuracies"]) != b.repeats:
             out.append(f"{len(krr['accuracies'])} networks, not {b.repeats}")
+        want_random = b.repeats if b.random_repeats is None else b.random_repeats
+        if len(r["random"]["krr"]["accuracies"]) != want_random:
+            out.append(f"{len(r['random']['krr']['accuracies'])} random-real networks, not {want_random}")
         want = {**get_protocol("krr").arch_kwargs, **(b.krr_arch_kwargs or {})}
         if krr["extra"].get("arch_kwargs") != want:
             out.append(f"krr network {krr['extra'].get('arch_kwargs')}, not {want}")
@@ -272,6 +275,8 @@ def collect(out: Path) -> tuple[list[Row], dict[str, Any] | None, list[str]]:
     rows: list[Row] = []
     speed, ignored = None, []
     for path in sorted(out.glob("*.json")):
+        if path.name.endswith(".partial.json"):
+            continue  # a cell still being scored (or one that died): distill_cell.py's progress, not a result
         try:
             obj = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

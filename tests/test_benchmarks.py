@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -72,6 +73,7 @@ def test_smoke_matrix_end_to_end(data_root: Path, tmp_path: Path) -> None:
     assert (r["method"], r["dataset"], r["ipc"], r["steps"]) == ("FRePo", "mnist", 1, 2)
     assert r["budget"] == cell.budget.to_dict()
     assert len(r["distilled"]["krr"]["accuracies"]) == 1
+    assert not list((tmp_path / "results").glob("*.partial.json"))  # progress file replaced by the result
     assert r["random"]["dc"]["steps"] == r["distilled"]["krr"]["steps"] == 2  # --eval-steps overrides both protocols
     assert {"date", "hardware", "torch", "commit"} <= set(r["stamp"])
     md = (tmp_path / "RESULTS.md").read_text()
@@ -125,7 +127,8 @@ STAMP = {"date": "2026-01-01 00:00 UTC", "hardware": "Test CPU, 2 cores", "torch
 
 
 def test_resume_check_of_results_run_by_hand(tmp_path: Path) -> None:
-    cell = MATRICES["cpu"].cells[0]  # frepo mnist_ipc1_cpu at the CPU budget: 5 nets, krr width 64, 2400 steps
+    cell = MATRICES["cpu-paper-lr"].cells[0]  # frepo mnist_ipc1_cpu, CPU budget: 5 nets, krr width 64, 2400 steps
+    assert cell.recipe == "recipes/frepo/mnist_ipc1_cpu.yaml"
     path = tmp_path / f"{cell.stem}.json"
     path.write_text(json.dumps(_cell_result(STAMP)))
     assert suite.cell_done(path, cell)[0]
@@ -133,6 +136,18 @@ def test_resume_check_of_results_run_by_hand(tmp_path: Path) -> None:
     assert not suite.cell_done(path, cell)[0]
     path.write_text(json.dumps(_cell_result(STAMP, recipe="recipes/frepo/mnist_ipc10_cpu.yaml")))
     assert not suite.cell_done(path, cell)[0]
+
+    # Fewer networks for random real: the budget says how many, and a result with another count is not this budget.
+    one = dataclasses.replace(cell, budget=dataclasses.replace(cell.budget, random_repeats=1))
+    assert "--random-repeats 1" in " ".join(one.budget.args())
+    assert not suite.cell_done(path.with_name("x.json"), one)[0]
+    r = _cell_result(STAMP)
+    path.write_text(json.dumps(r))
+    done, why = suite.cell_done(path, one)
+    assert not done and "5 random-real networks, not 1" in why
+    r["random"] = {k: {**v, "accuracies": v["accuracies"][:1]} for k, v in r["random"].items()}
+    path.write_text(json.dumps(r))
+    assert suite.cell_done(path, one)[0]
 
 
 def test_report_rows_and_readme_block(tmp_path: Path) -> None:
