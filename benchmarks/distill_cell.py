@@ -29,6 +29,7 @@ from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS, train_on_distilled  # noqa: E402
 from lightning_distill.export import save_distilled  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
+from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
 from lightning_distill.synthetic import select_real  # noqa: E402
 
 # Published ConvNet accuracies (%), method -> dataset -> ipc -> (mean, std). MNIST/F-MNIST FRePo numbers are
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for results (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
+    tune_cpu_allocator()  # as the lightning-distill command does
     if a.threads:
         torch.set_num_threads(a.threads)
     name = Path(a.recipe).stem

@@ -37,6 +37,7 @@ from stamp import stamp  # noqa: E402
 import lightning_distill.methods as methods_pkg  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.methods import DistillationMethod  # noqa: E402
+from lightning_distill.runtime import ENV_VAR, tune_cpu_allocator  # noqa: E402
 from lightning_distill.synthetic import PixelSet  # noqa: E402
 
 NUM_CLASSES = 10
@@ -237,15 +238,23 @@ def markdown(res: dict[str, Any]) -> str:
         f"same run: **{mm['gflops']:.1f} GFLOP/s** ({mm['dtype']} {mm['size']}×{mm['size']}, TF32 "
         f"{'on' if mm['tf32'] else 'off'}). Peak memory: {res['memory']}. FLOPs: {res['flop_counting']}.",
         "",
-        "| method | input | IPC | real batch | ms/step | peak memory (MiB) | GFLOP/step | GFLOP/s | of matmul rate |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | input | IPC | real batch | allocator | ms/step | peak memory (MiB) | GFLOP/step | GFLOP/s "
+        "| of matmul rate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    before: dict[tuple, float] = {}
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['input']} | {r['ipc']} | – | {r['error']} | | | | |")
+            lines.append(f"| {r['method']} | {r['input']} | {r['ipc']} | – | – | {r['error']} | | | | |")
             continue
+        key = (r["method"], r["input"], r["ipc"])
+        alloc = r.get("allocator", "–")
+        if alloc == "default":
+            before[key] = r["median_ms"]
+        elif alloc == "tuned" and key in before:  # the after of a before/after pair
+            alloc += f" ({100 * (r['median_ms'] / before[key] - 1):+.0f} %)"
         lines.append(
-            f"| {r['method']} | {r['input']} | {r['ipc']} | {r['real_batch']} | {r['median_ms']:.1f} "
+            f"| {r['method']} | {r['input']} | {r['ipc']} | {r['real_batch']} | {alloc} | {r['median_ms']:.1f} "
             f"| {r['peak_mb']:.0f} | {r['flops_per_step'] / 1e9:.2f} | {r['gflops']:.1f} "
             f"| {100 * r['matmul_fraction']:.1f} % |"
         )
@@ -262,10 +271,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--profile", choices=PROFILES, default=None, help="default: official on GPU, cpu on CPU")
     p.add_argument("--matmul-size", type=int, default=4096, help="side of the square matmul that sets the peak")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--allocator",
+        choices=("tuned", "default", "both"),
+        default="tuned",
+        help="glibc malloc as lightning-distill sets it (tuned), as glibc ships it (default), or each configuration "
+        "under both in turn (the before/after of lightning_distill.runtime.tune_cpu_allocator)",
+    )
+    p.add_argument("--name", default="speed", help="output stem: OUT/NAME.json and OUT/NAME.md")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    allocators = ["default", "tuned"] if a.allocator == "both" else [a.allocator]
+    if a.device == "cpu" and not tune_cpu_allocator(True) and "tuned" in allocators:
+        p.error(f"--allocator {a.allocator} needs glibc's mallopt (and {ENV_VAR} not set to 0)")
     known = discover_methods()
     chosen = a.methods or known
     unknown = [m for m in chosen if m not in known]
@@ -280,21 +300,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in chosen:
         for shape in SHAPES.values():
             for ipc in a.ipcs:
-                try:
-                    r = measure(name, shape, ipc, a.steps, a.device, profile, memory)
-                except (RuntimeError, ValueError) as e:  # out of memory, a method that cannot run this shape
-                    label = next(k for k, v in SHAPES.items() if v == shape)
-                    r = {"method": name, "input": label, "ipc": ipc, "error": f"{type(e).__name__}: {e}"[:200]}
-                    print(f"{name:14s} {label:10s} IPC {ipc:3d}: {r['error']}", flush=True)
+                for alloc in allocators:
+                    if a.device == "cpu":
+                        tune_cpu_allocator(alloc == "tuned")
+                    try:
+                        r = measure(name, shape, ipc, a.steps, a.device, profile, memory)
+                    except (RuntimeError, ValueError) as e:  # out of memory, a method that cannot run this shape
+                        label = next(k for k, v in SHAPES.items() if v == shape)
+                        r = {"method": name, "input": label, "ipc": ipc, "error": f"{type(e).__name__}: {e}"[:200]}
+                        print(f"{name:14s} {label:10s} IPC {ipc:3d}: {r['error']}", flush=True)
+                        rows.append(r)
+                        continue
+                    r["allocator"] = alloc if a.device == "cpu" else "cuda caching"
+                    r["matmul_fraction"] = r["gflops"] / mm["gflops"]
                     rows.append(r)
-                    continue
-                r["matmul_fraction"] = r["gflops"] / mm["gflops"]
-                rows.append(r)
-                print(
-                    f"{name:14s} {r['input']:10s} IPC {ipc:3d}: {r['median_ms']:9.1f} ms/step, "
-                    f"{r['peak_mb']:7.0f} MiB, {r['gflops']:8.2f} GFLOP/s ({100 * r['matmul_fraction']:.1f} %)",
-                    flush=True,
-                )
+                    print(
+                        f"{name:14s} {r['input']:10s} IPC {ipc:3d} {r['allocator']:8s}: {r['median_ms']:9.1f} "
+                        f"ms/step, {r['peak_mb']:7.0f} MiB, {r['gflops']:8.2f} GFLOP/s "
+                        f"({100 * r['matmul_fraction']:.1f} %)",
+                        flush=True,
+                    )
     res = {
         "stamp": stamp(),
         "device": a.device,
@@ -306,9 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
     }
     out = Path(a.out)
-    with atomic_path(out / "speed.json") as tmp:
+    with atomic_path(out / f"{a.name}.json") as tmp:
         tmp.write_text(json.dumps(res, indent=2))
-    with atomic_path(out / "speed.md") as tmp:
+    with atomic_path(out / f"{a.name}.md") as tmp:
         tmp.write_text(markdown(res))
     print(markdown(res))
     return res

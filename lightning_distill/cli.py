@@ -126,6 +126,9 @@ def write_json(path: Path, obj: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-distill`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from lightning_distill.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # large CPU activations stay mapped between steps (see lightning_distill/runtime.py)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         if not argv:

@@ -192,15 +192,18 @@ def test_speed_one_step_per_method(tmp_path: Path) -> None:
 
     cmd = [sys.executable, str(BENCH / "speed.py"), "--steps", "1", "--ipcs", "1", "--device", "cpu"]
     cmd += ["--profile", "smoke", "--matmul-size", "256", "--threads", THREADS, "--out", str(tmp_path)]
+    cmd += ["--allocator", "both", "--name", "speed_allocator"]
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads((tmp_path / "speed.json").read_text())
+    res = json.loads((tmp_path / "speed_allocator.json").read_text())
     assert res["matmul"]["gflops"] > 0 and {"date", "hardware", "torch", "commit"} <= set(res["stamp"])
     methods = speed.discover_methods()
     assert {"FRePo", "RandomSubset"} <= set(methods)
     for m in methods:
         rows = [r for r in res["rows"] if r["method"] == m]
-        assert len(rows) == 2 and all("error" not in r and r["median_ms"] > 0 for r in rows), rows
+        assert len(rows) == 4 and all("error" not in r and r["median_ms"] > 0 for r in rows), rows
+        assert [r["allocator"] for r in rows] == ["default", "tuned"] * 2  # each configuration before, then after
     frepo = [r for r in res["rows"] if r["method"] == "FRePo"]
     assert all(r["flops_per_step"] > 0 and r["matmul_fraction"] > 0 for r in frepo)
-    assert "| FRePo | 28px grey | 1 |" in (tmp_path / "speed.md").read_text()
+    md = (tmp_path / "speed_allocator.md").read_text()
+    assert "| FRePo | 28px grey | 1 | 64 | default |" in md and "| FRePo | 28px grey | 1 | 64 | tuned (" in md
