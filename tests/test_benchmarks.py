@@ -1,4 +1,4 @@
-"""benchmarks/: the suite (one smoke cell end to end, resume, report, README block) and speed.py on the CPU."""
+"""benchmarks/: the suite (one smoke cell end to end, resume, report, README block), speed.py and cross_arch.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from lightning_distill.eval import EvalResult
 
@@ -207,3 +209,31 @@ def test_speed_one_step_per_method(tmp_path: Path) -> None:
     assert all(r["flops_per_step"] > 0 and r["matmul_fraction"] > 0 for r in frepo)
     md = (tmp_path / "speed_allocator.md").read_text()
     assert "| FRePo | 28px grey | 1 | 64 | default |" in md and "| FRePo | 28px grey | 1 | 64 | tuned (" in md
+
+
+def test_cross_arch_table_plot_and_resume(data_root: Path, tmp_path: Path) -> None:
+    import cross_arch
+
+    from lightning_distill.cli import main as cli
+
+    run = tmp_path / "run"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "random" / "mnist_ipc1.yaml"
+    cli(
+        ["fit", "--config", str(recipe), f"--trainer.default_root_dir={run}", f"--data.init_args.root={data_root}"]
+        + ["--data.init_args.download=false", "--trainer.logger=false"]
+    )
+    args = [str(run / "distilled.pt"), "--arch", "lenet", "mlp", "--repeats", "1", "--steps", "5"]
+    args += ["--out", str(tmp_path / "out"), "--name", "xa"]
+    res = cross_arch.main(args)
+    assert [r["arch"] for r in res["rows"]] == ["lenet", "mlp"] and all(r["steps"] == 5 for r in res["rows"])
+    md = (tmp_path / "out" / "xa.md").read_text()
+    assert "| set | lenet | mlp |" in md and "| RandomSubset (run) |" in md
+    assert (tmp_path / "out" / "xa.png").stat().st_size > 0
+    assert {"date", "hardware", "torch", "commit"} <= set(
+        json.loads((tmp_path / "out" / "xa.json").read_text())["stamp"]
+    )
+    # Resume: same options, nothing trains again (the saved accuracies come back unchanged).
+    again = cross_arch.main(args)
+    assert [r["accuracies"] for r in again["rows"]] == [r["accuracies"] for r in res["rows"]]
+    with pytest.raises(SystemExit):
+        cross_arch.main([str(tmp_path / "missing.pt")])
