@@ -478,6 +478,21 @@ def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
         parts += [(out / "speed.md").read_text().replace("## ", "### ", 1), ""]
     if (out / "frepo_speed.md").is_file():
         parts += [f"FRePo at the official and CPU settings: [frepo_speed.md]({link}/frepo_speed.md).", ""]
+    if (out / "speed_allocator.md").is_file():
+        parts += [
+            "## Hot spot: the CPU allocator, before and after",
+            "",
+            "`python benchmarks/speed.py --allocator both --name speed_allocator`: each configuration with glibc's "
+            "allocator as shipped, then as `lightning_distill.runtime.tune_cpu_allocator` sets it (large blocks "
+            "stay in the process instead of being mapped and page-faulted afresh every step), in turn in one run.",
+            "",
+            (out / "speed_allocator.md").read_text().replace("## ", "### ", 1),
+            "",
+        ]
+    for md in sorted(out.glob("cross_arch*.md")):
+        parts += [md.read_text(), ""]
+        if md.with_suffix(".png").is_file():
+            parts += [f"![{md.stem}]({link}/{md.stem}.png)", ""]
     if ignored:
         parts += [f"Files not understood (ignored): {', '.join(ignored)}.", ""]
     text = "\n".join(parts)

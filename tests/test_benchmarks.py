@@ -161,7 +161,14 @@ def test_report_rows_and_readme_block(tmp_path: Path) -> None:
     result = EvalResult("dc", "convnet", [64.0, 66.0], 100, 1000, 3.0, extra).to_dict()
     evaluated = {"stamp": {**STAMP, "commit": "def5678"}, "results": [result]}
     (out / "distilled_eval_dc.json").write_text(json.dumps(evaluated))
+    # Tables of their own (rows key) are embedded, not read as results; progress files are not results at all.
+    (out / "cross_arch_mnist.json").write_text(json.dumps({"stamp": STAMP, "rows": []}))
+    (out / "cross_arch_mnist.md").write_text("## Cross-architecture accuracy\n\n| set | alexnet |\n")
+    (out / "speed_allocator.md").write_text("## Milliseconds per outer step\n\n| FRePo | tuned (-20 %) |\n")
+    (out / "x.partial.json").write_text(json.dumps(_cell_result(STAMP, ipc=50)))
     rows, md = suite.report(out, tmp_path / "RESULTS.md")
+    assert "## Cross-architecture accuracy\n\n| set | alexnet |" in md and "| FRePo | tuned (-20 %) |" in md
+    assert "Files not understood" not in md
     assert [(r.dataset, r.ipc, r.method) for r in rows] == [
         ("mnist", 1, "FRePo"),
         ("mnist", 1, "random real"),
