@@ -70,6 +70,14 @@ def evaluate_main(argv: Sequence[str]) -> list[dict[str, Any]]:
         get_protocol(a.protocol)
     except ValueError as e:
         p.error(str(e))
+    arch_kwargs = None
+    if a.arch_kwargs:
+        try:
+            arch_kwargs = json.loads(a.arch_kwargs)
+        except json.JSONDecodeError as e:
+            p.error(f"--arch-kwargs must be a JSON object, e.g. '{{\"width\": 64}}': {e}")
+        if not isinstance(arch_kwargs, dict):
+            p.error(f"--arch-kwargs must be a JSON object, e.g. '{{\"width\": 64}}', got {a.arch_kwargs!r}")
     archs = [s for item in (a.arch or [None]) for s in ((item or "").split(",") if item else [None])]
     unknown = [s for s in archs if s is not None and s not in list_nets()]
     if unknown:
@@ -89,6 +97,7 @@ def evaluate_main(argv: Sequence[str]) -> list[dict[str, Any]]:
             seed=a.seed,
             device=a.device,
             progress=not a.no_progress,
+            arch_kwargs=arch_kwargs,
         )
         results.append(r.to_dict())
     print(format_table(results))

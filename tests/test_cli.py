@@ -57,6 +57,16 @@ def test_fit_export_evaluate(data_root, tmp_path, capsys):
     assert [r["arch"] for r in res] == ["lenet", "mlp"] and all(len(r["accuracies"]) == 2 for r in res)
     assert all(0 <= a <= 100 for r in res for a in r["accuracies"])
 
+    # --arch-kwargs reaches the network (and is recorded): a width-8 krr network instead of the protocol's 128.
+    args = ["evaluate", str(out / "distilled.pt"), "--protocol", "krr", "--repeats", "1", "--steps", "2"]
+    main([*args, "--arch-kwargs", '{"width": 8}', "--no-progress", "--output", str(tmp_path / "w8.json")])
+    (r,) = json.loads((tmp_path / "w8.json").read_text())["results"]
+    assert r["arch"] == "convnet_frepo" and r["extra"]["arch_kwargs"] == {"norm": "none", "width": 8}
+    for bad in ("{width: 8}", "[8]"):
+        with pytest.raises(SystemExit):
+            main([*args, "--arch-kwargs", bad])
+        assert "--arch-kwargs must be a JSON object" in capsys.readouterr().err
+
 
 def test_wandb_offline_run(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
