@@ -36,11 +36,16 @@ def set_label(row: dict[str, Any]) -> str:
     return f"{e['method']} ({Path(e['path']).parent.name})"
 
 
-def markdown(res: dict[str, Any]) -> str:
-    s, rows = res["stamp"], res["rows"]
+def grid(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], dict[str, Any]]]:
+    """Architectures and sets in first-seen order, and each (set, architecture)'s row: the table's and plot's layout."""
     archs = list(dict.fromkeys(r["arch"] for r in rows))
     sets = list(dict.fromkeys(set_label(r) for r in rows))
-    cell = {(set_label(r), r["arch"]): r for r in rows}
+    return archs, sets, {(set_label(r), r["arch"]): r for r in rows}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s, rows = res["stamp"], res["rows"]
+    archs, sets, cell = grid(rows)
     proto = get_protocol(res["protocol"])
     first = rows[0] if rows else None
     steps = f"{first['steps']} steps per network" if first else ""
@@ -70,10 +75,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = res["rows"]
-    archs = list(dict.fromkeys(r["arch"] for r in rows))
-    sets = list(dict.fromkeys(set_label(r) for r in rows))
-    cell = {(set_label(r), r["arch"]): r for r in rows}
+    archs, sets, cell = grid(res["rows"])
     fig, ax = plt.subplots(figsize=(1.6 + 1.7 * len(archs), 4))
     width = 0.8 / max(len(sets), 1)
     for i, name in enumerate(sets):
