@@ -38,6 +38,7 @@ def build_export(
     method: str,
     config: dict[str, Any],
     seed: int,
+    step: int | None = None,
 ) -> dict[str, Any]:
     """Snapshot a synthetic set into the export dictionary (detached, float32 images, on the CPU).
 
@@ -47,6 +48,7 @@ def build_export(
         method: the method's class name.
         config: the method's configuration (plain values).
         seed: the seed of the run.
+        step: the outer step the snapshot was taken at (recorded when known, so a file says how far it got).
     """
     with torch.no_grad():
         x_syn, y_syn = synthetic()
@@ -68,6 +70,7 @@ def build_export(
         "method": method,
         "config": config,
         "seed": int(seed),
+        **({"step": int(step)} if step is not None else {}),
         "version": FORMAT_VERSION,
     }
 

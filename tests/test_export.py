@@ -26,6 +26,13 @@ def test_round_trip_weights_only(tmp_path, labels):
     assert raw["label_kind"] == labels and raw["seed"] == 7 and raw["version"] == 1
     assert load_distilled(p)["config"]["nested"] == {"a": [1, 2]}
     assert not [f for f in p.parent.iterdir() if f.name.endswith(".tmp")]
+    assert "step" not in raw  # not given: not invented
+
+
+def test_step_is_recorded_when_known(tmp_path):
+    s = PixelSet(ipc=1, num_classes=2, image_shape=(1, 4, 4))
+    payload = build_export(s, {"dataset": "toy"}, method="Toy", config={}, seed=0, step=1234)
+    assert load_distilled(save_distilled(payload, tmp_path / "d.pt"))["step"] == 1234
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):

@@ -89,6 +89,7 @@ def test_export_round_trip(name, data_root, tmp_path):
     assert torch.equal(payload["images"], x_syn.detach())
     assert payload["ipc"] == 2 and payload["num_classes"] == 10 and payload["dataset"] == "mnist"
     assert payload["method"] == type(method).__name__
+    assert payload["step"] == 2  # the outer step the export was taken at
     served = DistilledDataModule.from_file(tmp_path / "distilled.pt", batch_size=7)
     xb, yb = next(iter(served.train_dataloader()))
     assert xb.shape == (7, 1, 28, 28) and len(yb) == 7

@@ -84,6 +84,7 @@ def evaluate_distilled(
         ipc=int(payload["ipc"]),
         method=payload["method"],
         label_kind=payload["label_kind"],
+        step=payload.get("step"),  # older exports do not record it
         device=str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
     )
     return result

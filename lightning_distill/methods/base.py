@@ -191,7 +191,8 @@ class DistillationMethod(L.LightningModule):
         """The current synthetic set in the export format (a detached CPU snapshot with its metadata)."""
         from lightning_distill.export import build_export
 
-        return build_export(self.synthetic, self.data_info, type(self).__name__, self.config(), self.seed)
+        step = int(self.trainer.global_step) if self._trainer is not None else None
+        return build_export(self.synthetic, self.data_info, type(self).__name__, self.config(), self.seed, step)
 
     def config(self) -> dict[str, Any]:
         """The method's configuration, recorded in exports (plain values only)."""
