@@ -145,6 +145,7 @@ def main() -> None:
         "dataset": dataset,
         "ipc": ipc,
         "steps": steps,
+        "max_steps": cli.trainer.max_steps,  # the cosine horizon, so a resumed suite can tell budgets apart
         "distill_minutes": distil_s / 60,
         "ms_per_step": 1000 * distil_s / max(steps, 1),
         "skipped_steps": method.skipped_steps,

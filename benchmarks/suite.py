@@ -102,6 +102,8 @@ def _inconsistencies(r: dict[str, Any], cell: Cell) -> list[str]:
             out.append(f"{len(r['curve'])} curve points for --curve {b.curve}")
         horizon = b.max_steps or recipe_horizon(cell.path)
         steps, minutes = r["steps"], r["distill_minutes"]
+        if "max_steps" in r and horizon is not None and r["max_steps"] != horizon:
+            out.append(f"cosine horizon {r['max_steps']} steps, not {horizon}")
         if horizon is not None and steps > horizon:
             out.append(f"{steps} outer steps, beyond {horizon}")
         # Distillation stops at the step horizon or at the wall-clock cap (measured from fit start, so the minutes
@@ -530,7 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the matrix (unless ``--report-only``), then the report; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--matrix", choices=sorted(MATRICES), help="which cells to run")
-    p.add_argument("--only", nargs="+", default=None, help="run only cells whose name contains one of these")
+    p.add_argument(
+        "--only", nargs="+", default=None, help="run only cells whose recipe path contains one of these (/mnist_ipc10)"
+    )
     p.add_argument("--force", action="store_true", help="re-run cells whose result already exists")
     p.add_argument("--out", default=str(BENCH / "results"), help="results folder (default benchmarks/results)")
     p.add_argument("--results-md", default=None, help="the report (default: RESULTS.md beside the results folder)")
@@ -564,7 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             over["krr_arch_kwargs"] = json.loads(over["krr_arch_kwargs"])
         cells = [dataclasses.replace(c, budget=dataclasses.replace(c.budget, **over)) for c in MATRICES[a.matrix].cells]
         if a.only:
-            cells = [c for c in cells if any(s in c.stem for s in a.only)]
+            cells = [c for c in cells if any(s in c.recipe for s in a.only)]
+            if not cells:
+                names = ", ".join(c.recipe for c in MATRICES[a.matrix].cells)
+                p.error(f"--only {' '.join(a.only)} matches no cell of matrix {a.matrix!r}; its cells: {names}")
         if a.dry_run:
             for c in cells:
                 done, why = cell_done(out / f"{c.stem}.json", c)

@@ -151,6 +151,23 @@ def test_resume_check_of_results_run_by_hand(tmp_path: Path) -> None:
     path.write_text(json.dumps(r))
     assert suite.cell_done(path, one)[0]
 
+    # A recorded cosine horizon other than the budget's is another budget, even when the wall clock capped both.
+    path.write_text(json.dumps(_cell_result(STAMP, steps=1538, distill_minutes=30.0, max_steps=1600)))
+    done, why = suite.cell_done(path, cell)
+    assert not done and "cosine horizon 1600 steps, not 2400" in why
+    path.write_text(json.dumps(_cell_result(STAMP, steps=1538, distill_minutes=30.0, max_steps=2400)))
+    assert suite.cell_done(path, cell)[0]
+
+
+def test_only_selects_by_recipe_path_and_rejects_no_match(tmp_path: Path) -> None:
+    env = {**os.environ}
+    p = _suite(tmp_path, env, "--matrix", "cpu", "--only", "/mnist_ipc10", "--dry-run")
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1 and "recipes/frepo/mnist_ipc10_cpu_lr3e-3.yaml" in lines[0]  # not fashion_mnist's
+    p = _suite(tmp_path, env, "--matrix", "cpu", "--only", "cifar", "--dry-run")
+    assert p.returncode != 0 and "matches no cell" in p.stderr and "mnist_ipc1_cpu_lr3e-3" in p.stderr
+
 
 def test_report_rows_and_readme_block(tmp_path: Path) -> None:
     out = tmp_path / "results"
