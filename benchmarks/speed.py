@@ -274,17 +274,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--allocator",
         choices=("tuned", "default", "both"),
-        default="tuned",
+        default=None,
         help="glibc malloc as lightning-distill sets it (tuned), as glibc ships it (default), or each configuration "
-        "under both in turn (the before/after of lightning_distill.runtime.tune_cpu_allocator)",
+        "under both in turn (the before/after of lightning_distill.runtime.tune_cpu_allocator); by default as the "
+        "lightning-distill command runs: tuned where glibc allows, else the platform's allocator",
     )
     p.add_argument("--name", default="speed", help="output stem: OUT/NAME.json and OUT/NAME.md")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    tunable = tune_cpu_allocator(True)
+    if a.allocator is None:  # what a user's run gets
+        a.allocator = "tuned" if tunable or a.device != "cpu" else "default"
+        if a.allocator == "default":
+            print(f"[speed] glibc's mallopt unavailable (or {ENV_VAR}=0): measuring the default allocator", flush=True)
     allocators = ["default", "tuned"] if a.allocator == "both" else [a.allocator]
-    if a.device == "cpu" and not tune_cpu_allocator(True) and "tuned" in allocators:
+    if a.device == "cpu" and not tunable and "tuned" in allocators:
         p.error(f"--allocator {a.allocator} needs glibc's mallopt (and {ENV_VAR} not set to 0)")
     known = discover_methods()
     chosen = a.methods or known

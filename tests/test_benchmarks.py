@@ -235,6 +235,20 @@ def test_speed_one_step_per_method(tmp_path: Path) -> None:
     assert "| FRePo | 28px grey | 1 | 64 | default |" in md and "| FRePo | 28px grey | 1 | 64 | tuned (" in md
 
 
+def test_speed_default_allocator_follows_what_runs_get(tmp_path: Path) -> None:
+    """Where the allocator cannot be tuned, speed.py measures the default one; asking for tuned is an error."""
+    cmd = [sys.executable, str(BENCH / "speed.py"), "--steps", "1", "--ipcs", "1", "--device", "cpu"]
+    cmd += ["--profile", "smoke", "--matmul-size", "64", "--threads", THREADS, "--out", str(tmp_path)]
+    cmd += ["--methods", "RandomSubset"]
+    env = {**os.environ, "LIGHTNING_DISTILL_TUNE_MALLOC": "0"}
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0 and "measuring the default allocator" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert rows and all(r["allocator"] == "default" for r in rows)
+    p = subprocess.run([*cmd, "--allocator", "tuned"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "needs glibc's mallopt" in p.stderr
+
+
 def test_cross_arch_table_plot_and_resume(data_root: Path, tmp_path: Path) -> None:
     import cross_arch
 
