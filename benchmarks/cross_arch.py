@@ -13,6 +13,7 @@ once, and a re-run with the same options skips what is saved, so an interrupted 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,11 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import stamp  # noqa: E402
 
 from lightning_distill.eval import evaluate_distilled, get_protocol  # noqa: E402
+from lightning_distill.export import load_distilled  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.nets import list_nets  # noqa: E402
 from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
 
 ARCHS = ["convnet", "alexnet", "vgg11", "resnet18"]
+
+
+def set_digest(path: str | Path) -> str:
+    """A short hash of the set's images and labels: which version of a re-exported file a row scored."""
+    payload = load_distilled(path)
+    h = hashlib.sha256()
+    for t in (payload["images"], payload["labels"]):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def set_label(row: dict[str, Any]) -> str:
@@ -135,7 +146,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         old = json.loads(json_path.read_text())
         if all(old.get(k) == v for k, v in options.items()):
             res["rows"] = old["rows"]  # resume: the same options, so finished cells stand
-    done = {(r["extra"]["path"], r["arch"]) for r in res["rows"]}
+    digests = {str(path): set_digest(path) for path in a.sets}
+    # A saved row stands only for the very set it scored: a path re-exported since (or a row that predates digests)
+    # is evaluated again rather than reported under the new set's name.
+    kept, stale = [], []
+    for r in res["rows"]:
+        current = digests.get(r["extra"]["path"], r["extra"].get("set_digest"))  # sets not named now stay as saved
+        (kept if r["extra"].get("set_digest") == current else stale).append(r)
+    for r in stale:
+        print(f"{r['extra']['path']} {r['arch']}: the saved row scored another version of this file, re-running")
+    res["rows"] = kept
+    done = {(r["extra"]["path"], r["arch"]) for r in kept}
     for path in a.sets:
         for arch in a.arch:
             if (str(path), arch) in done:
@@ -152,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 device=a.device,
             )
             print(f"{path} {r}", flush=True)
+            r.extra["set_digest"] = digests[str(path)]
             res["rows"].append(r.to_dict())
             res["stamp"] = stamp()
             with atomic_path(json_path) as tmp:

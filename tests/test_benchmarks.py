@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lightning_distill.eval import EvalResult
+from lightning_distill.export import load_distilled, save_distilled
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -273,5 +274,13 @@ def test_cross_arch_table_plot_and_resume(data_root: Path, tmp_path: Path) -> No
     # Resume: same options, nothing trains again (the saved accuracies come back unchanged).
     again = cross_arch.main(args)
     assert [r["accuracies"] for r in again["rows"]] == [r["accuracies"] for r in res["rows"]]
+    # The file re-exported with another set: its saved rows no longer stand, both networks train again.
+    payload = load_distilled(run / "distilled.pt")
+    payload["images"] = payload["images"].flip(-1).contiguous()
+    save_distilled(payload, run / "distilled.pt")
+    third = cross_arch.main(args)
+    assert [r["arch"] for r in third["rows"]] == ["lenet", "mlp"]
+    old_digests = {r["extra"]["set_digest"] for r in res["rows"]}
+    assert len(old_digests) == 1 and {r["extra"]["set_digest"] for r in third["rows"]}.isdisjoint(old_digests)
     with pytest.raises(SystemExit):
         cross_arch.main([str(tmp_path / "missing.pt")])
