@@ -495,6 +495,9 @@ def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
         parts += [md.read_text(), ""]
         if md.with_suffix(".png").is_file():
             parts += [f"![{md.stem}]({link}/{md.stem}.png)", ""]
+    # Sub-folders hold measurements outside the matrix (e.g. more networks for one cell), each with its README.
+    for sub in sorted(d for d in out.iterdir() if d.is_dir() and (d / "README.md").is_file()):
+        parts += [(sub / "README.md").read_text().replace("# ", "## ", 1), ""]
     if ignored:
         parts += [f"Files not understood (ignored): {', '.join(ignored)}.", ""]
     text = "\n".join(parts)

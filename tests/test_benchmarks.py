@@ -184,7 +184,12 @@ def test_report_rows_and_readme_block(tmp_path: Path) -> None:
     (out / "cross_arch_mnist.md").write_text("## Cross-architecture accuracy\n\n| set | alexnet |\n")
     (out / "speed_allocator.md").write_text("## Milliseconds per outer step\n\n| FRePo | tuned (-20 %) |\n")
     (out / "x.partial.json").write_text(json.dumps(_cell_result(STAMP, ipc=50)))
+    (out / "extra").mkdir()
+    (out / "extra" / "README.md").write_text("# More networks\n\n| seed 2 | 97.58 |\n")
+    (out / "extra" / "seed2.json").write_text(json.dumps({"stamp": STAMP, "results": []}))  # not a row
+    (out / "no_readme").mkdir()
     rows, md = suite.report(out, tmp_path / "RESULTS.md")
+    assert "## More networks\n\n| seed 2 | 97.58 |" in md
     assert "## Cross-architecture accuracy\n\n| set | alexnet |" in md and "| FRePo | tuned (-20 %) |" in md
     assert "Files not understood" not in md
     assert [(r.dataset, r.ipc, r.method) for r in rows] == [
