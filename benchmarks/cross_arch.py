@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         old = json.loads(json_path.read_text())
         if all(old.get(k) == v for k, v in options.items()):
             res["rows"] = old["rows"]  # resume: the same options, so finished cells stand
+            res["stamp"] = old.get("stamp", res["stamp"])  # until a row is added, the saved run is what it shows
     digests = {str(path): set_digest(path) for path in a.sets}
     # A saved row stands only for the very set it scored: a path re-exported since (or a row that predates digests)
     # is evaluated again rather than reported under the new set's name.
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["stamp"] = stamp()
             with atomic_path(json_path) as tmp:
                 tmp.write_text(json.dumps(res, indent=2))
+    # The sets named now lead, in their command-line order (a re-run set would otherwise move after kept ones).
+    order = {str(x): i for i, x in enumerate(a.sets)}
+    res["rows"].sort(key=lambda r: order.get(r["extra"]["path"], len(order)))
     with atomic_path(out / f"{a.name}.md") as tmp:
         tmp.write_text(markdown(res))
     plot(res, out / f"{a.name}.png")

@@ -279,6 +279,7 @@ def test_cross_arch_table_plot_and_resume(data_root: Path, tmp_path: Path) -> No
     # Resume: same options, nothing trains again (the saved accuracies come back unchanged).
     again = cross_arch.main(args)
     assert [r["accuracies"] for r in again["rows"]] == [r["accuracies"] for r in res["rows"]]
+    assert again["stamp"] == res["stamp"]  # nothing ran, so the table still shows the run that measured it
     # The file re-exported with another set: its saved rows no longer stand, both networks train again.
     payload = load_distilled(run / "distilled.pt")
     payload["images"] = payload["images"].flip(-1).contiguous()
