@@ -9,5 +9,6 @@ from __future__ import annotations
 from . import alexnet, convnet, lenet, mlp, resnet, vgg  # noqa: F401
 from .convnet import ConvNet
 from .registry import get_net, list_nets, register_net
+from .seeded import seeded_net
 
-__all__ = ["ConvNet", "get_net", "list_nets", "register_net"]
+__all__ = ["ConvNet", "get_net", "list_nets", "register_net", "seeded_net"]
