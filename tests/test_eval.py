@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_distill.eval import EvalResult, get_protocol, train_on_distilled
-from lightning_distill.eval.train import _lr_lambda
+from lightning_distill.eval.protocols import make_schedule
 from tests.helpers import mnist_subset
 
 
@@ -24,9 +24,9 @@ def test_protocol_lengths():
 
 
 def test_schedules():
-    f = _lr_lambda(get_protocol("dc"), 100)
+    f = make_schedule(get_protocol("dc"), 100)
     assert f(0) == 1.0 and f(49) == 1.0 and f(50) == 0.1
-    g = _lr_lambda(get_protocol("krr"), 2000)
+    g = make_schedule(get_protocol("krr"), 2000)
     assert g(0) == pytest.approx(1 / 500) and g(499) == pytest.approx(1.0)
     assert g(1999) == pytest.approx(0.01, abs=1e-4)
     assert g(1250) == pytest.approx(0.01 + 0.99 * 0.5, abs=1e-3)

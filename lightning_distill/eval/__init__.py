@@ -1,17 +1,49 @@
-"""Evaluation of distilled sets: plain functions under named protocols."""
+"""Evaluation of distilled sets: plain functions under registered, recorded protocols."""
 
 from lightning_distill.eval.distilled import evaluate_distilled, test_split_for
-from lightning_distill.eval.protocols import NO_FLIP_DATASETS, PROTOCOLS, Protocol, get_protocol
-from lightning_distill.eval.train import EvalResult, test_accuracy, train_on_distilled
+from lightning_distill.eval.protocols import (
+    NO_FLIP_DATASETS,
+    PROTOCOLS,
+    Loss,
+    Protocol,
+    get_protocol,
+    make_augment,
+    make_loss,
+    make_optimizer,
+    make_schedule,
+    prepare_labels,
+    register_augment,
+    register_labels,
+    register_loss,
+    register_optimizer,
+    register_protocol,
+    register_schedule,
+    training_set,
+)
+from lightning_distill.eval.train import EvalResult, test_accuracy, train_network, train_on_distilled
 
 __all__ = [
     "NO_FLIP_DATASETS",
     "PROTOCOLS",
     "EvalResult",
+    "Loss",
     "Protocol",
     "evaluate_distilled",
     "get_protocol",
+    "make_augment",
+    "make_loss",
+    "make_optimizer",
+    "make_schedule",
+    "prepare_labels",
+    "register_augment",
+    "register_labels",
+    "register_loss",
+    "register_optimizer",
+    "register_protocol",
+    "register_schedule",
     "test_split_for",
     "test_accuracy",
+    "train_network",
+    "training_set",
     "train_on_distilled",
 ]

@@ -1,22 +1,33 @@
-"""``train_on_distilled``: train fresh networks on a distilled set under a named protocol, report test accuracy."""
+"""``train_on_distilled``: train fresh networks on a distilled set under a protocol, report test accuracy.
+
+:func:`train_network` is the one training loop behind every protocol; methods that train students on their own
+set (APM keeps checkpoints along the way) call it directly.
+"""
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
-from lightning_distill.augment import DSA, KRRAugment
-from lightning_distill.eval.protocols import Protocol, get_protocol
-from lightning_distill.functional.losses import centred_one_hot
-from lightning_distill.nets import get_net
+from lightning_distill.eval.protocols import (
+    Protocol,
+    get_protocol,
+    make_augment,
+    make_loss,
+    make_optimizer,
+    make_schedule,
+    prepare_labels,
+    training_set,
+)
+from lightning_distill.nets import get_net, seeded_net
 
 
 @dataclass
@@ -68,21 +79,23 @@ def train_on_distilled(
 
     Args:
         images: distilled images ``(N, C, H, W)`` in model-input space.
-        labels: ``(N,)`` class ids or ``(N, K)`` float targets. ``krr`` regresses float targets with MSE (class ids
-            as centred one-hot); ``dc`` trains cross-entropy on class ids, taking float labels' argmax class.
+        labels: ``(N,)`` class ids or ``(N, K)`` float targets, turned into the protocol's loss targets by its label
+            rule: ``krr`` regresses float targets with MSE (class ids as centred one-hot); ``dc`` trains
+            cross-entropy on class ids, taking float labels' argmax class (recorded in ``extra["labels"]``).
         x_test: test images in the same space; ``y_test`` their class ids.
-        protocol: ``dc``, ``krr`` or a :class:`Protocol`.
+        protocol: a registered protocol name (``dc``, ``krr``, ...) or a :class:`Protocol`.
         arch: network registry name; ``None`` takes the protocol's network (with its options).
         repeats: number of fresh networks.
         num_classes: defaults to the label width or the largest class id + 1.
-        flip: allow horizontal flips in the augmentation (``False`` for digits).
-        epochs: override the protocol's epochs; ``steps`` overrides the total step count.
+        flip: allow horizontal flips (augmentation, ``flip_support``); ``False`` for digits.
+        epochs: override the protocol's epochs; ``steps`` overrides the total step count. Both count over the
+            stored set, also where ``flip_support`` doubles the training set.
         seed: network ``i`` is initialised and augmented with ``seed + i``; no global RNG state leaks.
         device: where to train (default: CUDA when available).
         progress: show a progress bar.
         arch_kwargs: network options, merged over the protocol's own (e.g. ``{"width": 64}`` for a CPU budget).
     """
-    proto = get_protocol(protocol)
+    spec = get_protocol(protocol)
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if len(images) != len(labels) or len(images) == 0:
@@ -90,105 +103,108 @@ def train_on_distilled(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if num_classes is None:
         num_classes = int(labels.shape[1]) if labels.ndim == 2 else int(max(labels.max(), y_test.max())) + 1
-    name = arch or proto.arch
-    kwargs = {**(proto.arch_kwargs if arch is None or arch == proto.arch else {}), **(arch_kwargs or {})}
-    n_steps = proto.num_steps(len(images), epochs, steps)
-    label_use = "as stored"
-    if labels.ndim == 2 and proto.loss == "ce":
-        # A class-label protocol (dc): SGD on MSE targets barely trains its ConvNet (measured: ~10 % on MNIST after
-        # 300 steps, against ~58 % with cross-entropy), so float labels enter as their argmax class, and say so.
-        labels, label_use = labels.argmax(1), "argmax class"
-    images, labels = images.to(device, torch.float32), labels.to(device)
+    name = arch or spec.arch
+    kwargs = {**(spec.arch_kwargs if arch is None or arch == spec.arch else {}), **(arch_kwargs or {})}
+    # The step count is the stored set's: a protocol's length belongs to the distilled set, not to its flipped copies.
+    n_images, n_steps = len(images), spec.num_steps(len(images), epochs, steps)
+    targets, label_use = prepare_labels(labels, spec, num_classes)
+    x_train, targets = training_set(images.to(device, torch.float32), targets.to(device), spec, flip)
     x_test, y_test = x_test.to(device), y_test.to(device)
-    augment = _make_augment(proto, flip).to(device)
+    augment = make_augment(spec, flip).to(device)
+    build = partial(get_net, name, x_train.shape[1], num_classes, x_train.shape[-1], **kwargs)
 
     start, accs = time.perf_counter(), []
-    bar = tqdm(total=repeats * n_steps, desc=f"eval {name} [{proto.name}]", disable=not progress, leave=False)
+    bar = tqdm(total=repeats * n_steps, desc=f"eval {name} [{spec.name}]", disable=not progress, leave=False)
     for i in range(repeats):
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed + i)
-            net = get_net(name, images.shape[1], num_classes, images.shape[-1], **kwargs).to(device)
+        net = seeded_net(build, seed + i).to(device)
         gen = torch.Generator().manual_seed(seed + i)
-        _train(net, images, labels, proto, augment, n_steps, num_classes, gen, bar)
+        train_network(net, x_train, targets, spec, n_steps, num_classes, gen, augment, bar=bar)
         accs.append(test_accuracy(net, x_test, y_test, num_classes))
         bar.set_postfix(acc=f"{accs[-1]:.2f}")
     bar.close()
-    result = EvalResult(proto.name, name, accs, len(images), n_steps, time.perf_counter() - start)
+    result = EvalResult(spec.name, name, accs, n_images, n_steps, time.perf_counter() - start)
     result.extra["arch_kwargs"] = kwargs
     result.extra["labels"] = label_use
+    # A registered name alone may not say what ran (a method's file defines it): record every field.
+    result.extra["protocol"] = spec.to_dict()
+    result.extra["train_images"] = len(x_train)
     return result
 
 
-def _make_augment(proto: Protocol, flip: bool) -> nn.Module:
-    if proto.augment == "dsa":
-        return DSA("color_crop_cutout_flip_scale_rotate" if flip else "color_crop_cutout_scale_rotate", batchwise=False)
-    if proto.augment == "krr":
-        return KRRAugment("flip_color_crop_rotate_translate_cutout" if flip else "color_crop_rotate_translate_cutout")
-    raise ValueError(f"unknown augmentation {proto.augment!r}")
-
-
-def _train(
+def train_network(
     net: nn.Module,
     images: Tensor,
     labels: Tensor,
-    proto: Protocol,
-    augment: nn.Module,
+    protocol: Protocol,
     n_steps: int,
     num_classes: int,
-    gen: torch.Generator,
-    bar: tqdm,
-) -> None:
-    targets = labels.float() if labels.ndim == 2 else None
-    if targets is None and proto.loss == "mse":
-        targets = centred_one_hot(labels, num_classes)
-    opt = _optimizer(net, proto)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(proto, n_steps))
-    n, bs = len(images), min(proto.batch_size, len(images))
+    generator: torch.Generator,
+    augment: nn.Module,
+    checkpoint_steps: Sequence[int] = (),
+    bar: tqdm | None = None,
+) -> list[dict[str, Tensor]]:
+    """Train ``net`` in place for ``n_steps`` optimiser steps under ``protocol``: the loop behind every protocol.
+
+    Batches are consecutive slices of an order that is redrawn from ``generator`` at each pass when the protocol
+    shuffles (fixed order otherwise); a pass that cannot fill a whole batch starts over. The augmentation draws from
+    the same generator, so one generator seed fixes the run.
+
+    Args:
+        net: the network, on the training device, in its initial state.
+        images: the training set ``(N, C, H, W)`` on the same device (see
+            :func:`~lightning_distill.eval.protocols.training_set` for ``flip_support``).
+        labels: ``(N,)`` class ids or ``(N, K)`` float targets; the protocol's label rule makes them the loss's
+            targets (labels it already prepared pass through unchanged).
+        protocol: loss, optimiser, schedule, batch size and shuffling.
+        n_steps: optimiser steps.
+        num_classes: width of float targets built from class ids.
+        generator: CPU generator for the data order and the augmentation.
+        augment: called as ``augment(x, generator=generator)`` on each batch
+            (:func:`~lightning_distill.eval.protocols.make_augment`).
+        checkpoint_steps: step counts (0 to ``n_steps``; 0 is the initial state) after which to keep a copy of the
+            network's state.
+        bar: a progress bar to advance by one per step.
+
+    Returns:
+        One detached CPU copy of ``net.state_dict()`` per distinct entry of ``checkpoint_steps``, in increasing
+        order of steps.
+
+    Raises:
+        ValueError: if a checkpoint step lies outside ``[0, n_steps]``.
+    """
+    keep = sorted(set(checkpoint_steps))
+    if keep and (keep[0] < 0 or keep[-1] > n_steps):
+        raise ValueError(f"checkpoint steps must lie in [0, {n_steps}], got {list(checkpoint_steps)}")
+    loss_fn = make_loss(protocol)
+    targets, _ = prepare_labels(labels, protocol, num_classes)
+    opt = make_optimizer(net.parameters(), protocol)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, make_schedule(protocol, n_steps))
+    n, bs = len(images), min(protocol.batch_size, len(images))
     order, cursor = torch.arange(n), 0
+    checkpoints = [_state_copy(net)] if keep and keep[0] == 0 else []
     net.train()
-    for _ in range(n_steps):
+    for step in range(1, n_steps + 1):
         if cursor + bs > n:
             cursor = 0
-        if cursor == 0 and proto.shuffle:
-            order = torch.randperm(n, generator=gen)
+        if cursor == 0 and protocol.shuffle:
+            order = torch.randperm(n, generator=generator)
         idx = order[cursor : cursor + bs].to(images.device)
         cursor += bs
-        x = augment(images[idx], generator=gen)
-        out = net(x)
-        if targets is not None:
-            loss = 0.5 * (out - targets[idx]).pow(2).sum(1).mean()
-        else:
-            loss = F.cross_entropy(out, labels[idx])
+        loss = loss_fn(net(augment(images[idx], generator=generator)), targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
+        if step in keep:
+            checkpoints.append(_state_copy(net))
+    return checkpoints
 
 
-def _optimizer(net: nn.Module, proto: Protocol) -> torch.optim.Optimizer:
-    if proto.optimizer == "sgd":
-        return torch.optim.SGD(net.parameters(), lr=proto.lr, momentum=proto.momentum, weight_decay=proto.weight_decay)
-    if proto.optimizer == "adam":
-        return torch.optim.Adam(net.parameters(), lr=proto.lr, weight_decay=proto.weight_decay)
-    raise ValueError(f"unknown optimizer {proto.optimizer!r}")
-
-
-def _lr_lambda(proto: Protocol, n_steps: int) -> Any:
-    if proto.schedule == "step_half":
-        return lambda t: 1.0 if t < n_steps // 2 else 0.1
-    if proto.schedule == "warmup_cosine":
-        # Short runs (tests, budgets) keep the shape: warm-up never exceeds half the run.
-        warm = min(proto.warmup, n_steps // 2)
-
-        def f(t: int) -> float:
-            if t < warm:
-                return (t + 1) / warm
-            p = (t - warm) / max(1, n_steps - warm)
-            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
-
-        return f
-    raise ValueError(f"unknown schedule {proto.schedule!r}")
+def _state_copy(net: nn.Module) -> dict[str, Tensor]:
+    # Copies on the CPU: K checkpoints must not hold K networks' worth of accelerator memory.
+    return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
 
 @torch.no_grad()
