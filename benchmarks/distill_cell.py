@@ -113,7 +113,8 @@ def main() -> None:
     method, dm, steps = cli.model, cli.datamodule, cli.trainer.global_step
     dataset, ipc, k = dm.name, method.synthetic.ipc, dm.num_classes
     flip = dataset not in NO_FLIP_DATASETS
-    x_syn, y_syn = (t.detach().cpu() for t in method.synthetic())
+    view = method.distilled_view()  # what the export holds (an EMA of the set when a recipe adds one)
+    x_syn, y_syn = view.images.cpu(), view.labels.cpu()
     gen = torch.Generator().manual_seed(0)
     x_rand = select_real(dm.x_train.cpu(), dm.y_train.cpu(), k, ipc, gen)
     y_rand = torch.arange(k).repeat_interleave(ipc)

@@ -188,16 +188,22 @@ def measure(
     x_real, y_real = x_real[:batch].to(device), y_real[:batch].to(device)
     # setup_method reads shapes from the set; a stand-in DataModule carries what a real one would offer.
     method.setup_method(SimpleNamespace(num_classes=NUM_CLASSES, image_shape=shape, x_train=x_real, y_train=y_real))
-    params = [p for p in method.synthetic.parameters() if p.requires_grad]
-    opt = method.syn_optimizer(params) if method.syn_optimizer is not None else method.default_optimizer(params)
+    groups = method.optimizer_groups()
+    opt = method.syn_optimizer(groups) if method.syn_optimizer is not None else method.default_optimizer(groups)
+    named = method.named_meta_parameters()
 
     def step() -> None:
         # The work of DistillationMethod.training_step, without the Trainer around it.
         opt.zero_grad(set_to_none=True)
-        x_syn, y_syn = method.synthetic()
+        x_syn, y_syn = method.synthetic() if method.materialise_set else (None, None)
         out = method.outer_loss(x_syn, y_syn, x_real, y_real)
-        if out is not None:
+        if out is not None and out.loss is not None:
             out.loss.backward()
+        elif out is not None:  # a method that hands back its gradients (MetaStep.grads)
+            for n, g in out.grads.items():
+                named[n].grad = g
+        if out is not None:
+            method.before_meta_update({n: p for n, p in named.items() if p.grad is not None})
         opt.step()
         method.after_outer_step(x_real, y_real)
 

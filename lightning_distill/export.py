@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_distill.io import atomic_path
-from lightning_distill.synthetic.base import SyntheticSet
+from lightning_distill.synthetic.base import DistilledView, SyntheticSet
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = (
@@ -33,6 +33,7 @@ class ExportError(ValueError):
 
 
 def build_export(
+    view: DistilledView,
     synthetic: SyntheticSet,
     data_info: dict[str, Any],
     method: str,
@@ -40,33 +41,38 @@ def build_export(
     seed: int,
     step: int | None = None,
 ) -> dict[str, Any]:
-    """Snapshot a synthetic set into the export dictionary (detached, float32 images, on the CPU).
+    """Snapshot a distilled set into the export dictionary (float32 images and plain tensors, on the CPU).
 
     Args:
-        synthetic: the set to export.
+        view: what the method exports (:meth:`~lightning_distill.methods.DistillationMethod.distilled_view`).
+        synthetic: the set's parameterisation (its ``ipc`` budget, class count and description are recorded).
         data_info: what the method recorded about the real data (``describe_datamodule``).
         method: the method's class name.
         config: the method's configuration (plain values).
         seed: the seed of the run.
         step: the outer step the snapshot was taken at (recorded when known, so a file says how far it got).
     """
-    with torch.no_grad():
-        x_syn, y_syn = synthetic()
-    images = x_syn.detach().to("cpu", torch.float32).contiguous()
-    if synthetic.label_kind == "hard":
-        labels = y_syn.detach().to("cpu", torch.int64).contiguous()
+    images = view.images.detach().to("cpu", torch.float32).contiguous()
+    if view.labels.is_floating_point():
+        labels = view.labels.detach().to("cpu", torch.float32).contiguous()
     else:
-        labels = y_syn.detach().to("cpu", torch.float32).contiguous()
+        labels = view.labels.detach().to("cpu", torch.int64).contiguous()
     return {
         "images": images,
         "labels": labels,
-        "label_kind": synthetic.label_kind,
+        "label_kind": view.label_kind,
         "preprocessing": data_info.get("preprocessing", {}),
         "dataset": data_info.get("dataset", "unknown"),
         "datamodule": data_info.get("datamodule", {}),
         "class_names": data_info.get("class_names", []),
         "num_classes": int(synthetic.num_classes),
         "ipc": int(synthetic.ipc),
+        "images_per_class": int(view.images_per_class),
+        "class_ids": view.class_ids.detach().to("cpu", torch.int64).contiguous(),
+        # A factorised set also stores what generates its images (bases, coefficients) and what that costs.
+        "extras": {k: v.detach().to("cpu").contiguous() for k, v in view.extras.items()},
+        "storage": dict(view.storage),
+        "view_source": view.source,
         "method": method,
         "config": config,
         "seed": int(seed),

@@ -14,6 +14,7 @@ import lightning_distill.callbacks.cross_arch as cross_arch
 from lightning_distill.callbacks import CrossArchitectureEval
 from lightning_distill.data import ArrayDataModule
 from lightning_distill.methods import FRePo, RandomSubset
+from lightning_distill.optim import CosineDecay
 from lightning_distill.synthetic import PixelSet
 from tests.helpers import mnist_subset, quiet_trainer, tiny_mnist_dm
 
@@ -49,7 +50,11 @@ class MemoryLogger(Logger):
 
 def _frepo(seed: int = 0) -> FRePo:
     return FRePo(
-        synthetic=PixelSet(ipc=1, labels="learned"), arch_kwargs={"width": 4}, pool_size=2, decay_steps=10, seed=seed
+        synthetic=PixelSet(ipc=1, labels="learned"),
+        arch_kwargs={"width": 4},
+        pool_size=2,
+        syn_scheduler=lambda o: CosineDecay(o, total_steps=10),
+        seed=seed,
     )
 
 

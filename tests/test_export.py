@@ -11,7 +11,7 @@ def _payload(labels="hard"):
     with torch.no_grad():
         s.images.normal_()
     info = {"dataset": "toy", "preprocessing": {"mean": [0.5], "std": [0.25], "zca": "none"}}
-    return build_export(s, info, method="Toy", config={"lr": 0.1, "nested": {"a": [1, 2]}}, seed=7)
+    return build_export(s.view(), s, info, method="Toy", config={"lr": 0.1, "nested": {"a": [1, 2]}}, seed=7)
 
 
 @pytest.mark.parametrize("labels", ["hard", "soft", "learned"])
@@ -31,7 +31,7 @@ def test_round_trip_weights_only(tmp_path, labels):
 
 def test_step_is_recorded_when_known(tmp_path):
     s = PixelSet(ipc=1, num_classes=2, image_shape=(1, 4, 4))
-    payload = build_export(s, {"dataset": "toy"}, method="Toy", config={}, seed=0, step=1234)
+    payload = build_export(s.view(), s, {"dataset": "toy"}, method="Toy", config={}, seed=0, step=1234)
     assert load_distilled(save_distilled(payload, tmp_path / "d.pt"))["step"] == 1234
 
 

@@ -104,7 +104,7 @@ def test_nan_never_reaches_the_synthetic_set(data_root, tmp_path):
     step = m.outer_loss(*m.synthetic(), dm.x_train[:32], dm.y_train[:32])
     assert not torch.isfinite(step.loss)
     before = [p.detach().clone() for p in m.synthetic.parameters()]
-    m._update_synthetic(step.loss)  # the base class's update path
+    m.apply_meta_step(step)  # the base class's update path
     assert m.skipped_steps == 1
     for p, b in zip(m.synthetic.parameters(), before, strict=True):
         assert torch.equal(p.detach().nan_to_num(), b.nan_to_num())
@@ -115,5 +115,31 @@ def test_bad_arguments():
         FRePo(synthetic=PixelSet(ipc=1), pool_size=0)
     with pytest.raises(ValueError, match="ridge"):
         FRePo(synthetic=PixelSet(ipc=1), ridge=-1.0)
-    with pytest.raises(ValueError, match="optimizer"):
-        FRePo(synthetic=PixelSet(ipc=1), optimizer="sgd")
+
+    with pytest.raises(ValueError, match="group_options names groups this method does not have: temperature"):
+        FRePo(
+            synthetic=PixelSet(ipc=1, num_classes=3, image_shape=(1, 4, 4)), group_options={"temperature": {}}
+        ).optimizer_groups()
+
+
+def test_default_optimizer_and_schedule_are_the_papers():
+    """LAMB at 3e-4 decayed by a cosine to 3e-5 over max_steps: the numbers of the string switch it replaced."""
+    import math
+
+    from lightning_distill.optim import LAMB, CosineDecay
+
+    m = FRePo(synthetic=PixelSet(ipc=1, num_classes=3, image_shape=(1, 4, 4), labels="learned"))
+    groups = m.optimizer_groups()
+    assert [g["name"] for g in groups] == ["images", "labels"]
+    opt = m.default_optimizer(groups)
+    sched = m.default_scheduler(opt)
+    assert isinstance(opt, LAMB) and isinstance(sched, CosineDecay)
+    sched.set_horizon(100)
+    lrs = []
+    for _ in range(101):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for t in (0, 37, 100):
+        assert lrs[t] == 3e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / 100)))
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]

@@ -20,7 +20,8 @@ class CrossArchitectureEval(L.Callback):
     """Score the synthetic set while it is learned: fresh networks of each architecture, trained on a snapshot.
 
     Every ``every_n_steps`` outer steps, and once more when training ends (unless that step was just evaluated), a
-    detached copy of the current set is taken and ``repeats`` fresh networks of each architecture in ``archs`` are
+    detached copy of the current set (the method's ``distilled_view()``: an average of the set when a weight-averaging
+    callback runs) is taken and ``repeats`` fresh networks of each architecture in ``archs`` are
     trained on it under the named ``protocol`` (:func:`~lightning_distill.eval.train_on_distilled`), then tested on
     the DataModule's held-out validation split (``split="val"``, the default: nothing may ever be selected on the
     test split; ``split="test"`` is for reporting only).
@@ -171,7 +172,6 @@ class CrossArchitectureEval(L.Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> list[dict[str, Any]]:
         dm = trainer.datamodule
         x_eval, y_eval = getattr(dm, f"x_{self.split}"), getattr(dm, f"y_{self.split}")
-        synthetic = pl_module.synthetic
         device = torch.device(self.device) if self.device is not None else pl_module.device
         flip = self.flip
         if flip is None:
@@ -185,10 +185,10 @@ class CrossArchitectureEval(L.Callback):
         # that draw from the global generator, so the distillation run's randomness is the same with or without us.
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                with torch.no_grad():
-                    x_syn, y_syn = synthetic()
-                # A detached copy: the set keeps learning meanwhile, and its autograd graph is never touched.
-                images, labels = x_syn.detach().clone(), y_syn.detach().clone()
+                # The method's view of the set (an EMA of it when one runs), a detached copy: the set keeps learning
+                # meanwhile, and its autograd graph is never touched.
+                view = pl_module.distilled_view()
+                images, labels = view.images, view.labels
                 for arch in self.archs:
                     entries.append(self._eval_arch(trainer, arch, images, labels, x_eval, y_eval, flip, device, step))
         finally:

@@ -61,17 +61,17 @@ class DistilledDataModule(L.LightningDataModule):
     def from_synthetic(
         cls, synthetic: SyntheticSet, meta: dict[str, Any] | None = None, **kwargs: Any
     ) -> DistilledDataModule:
-        """A detached snapshot of a live synthetic set's current output."""
-        with torch.no_grad():
-            x_syn, y_syn = synthetic()
+        """A detached snapshot of a live synthetic set's current output (``synthetic.view()``)."""
+        view = synthetic.view()
         meta = {
-            "label_kind": synthetic.label_kind,
+            "label_kind": view.label_kind,
             "num_classes": synthetic.num_classes,
             "ipc": synthetic.ipc,
+            "images_per_class": view.images_per_class,
             **(meta or {}),
         }
         dm = cls(**kwargs)
-        dm._load({"images": x_syn.detach().clone(), "labels": y_syn.detach().clone(), **meta})
+        dm._load({"images": view.images, "labels": view.labels, **meta})
         return dm
 
     def _load(self, payload: dict[str, Any]) -> None:

@@ -11,45 +11,91 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_distill.synthetic.base import SyntheticSet
+from lightning_distill.synthetic.base import DistilledView, SyntheticSet
 
 
 @dataclass
 class MetaStep:
-    """What ``outer_loss`` returns: the loss to back-propagate into the synthetic set and values to log."""
+    """What :meth:`DistillationMethod.outer_loss` returns: a loss to back-propagate, or ready gradients.
 
-    loss: Tensor
+    Give exactly one of ``loss`` and ``grads``:
+
+    * ``loss``: a scalar the base class back-propagates into the meta-parameters (FRePo);
+    * ``grads``: gradients the method computed itself (implicit gradients, a hand-written reverse pass, chunked
+      accumulation), keyed by meta-parameter name as :meth:`DistillationMethod.named_meta_parameters` gives them
+      (``synthetic.images``, ``synthetic.labels``, a method's own such as ``log_temperature``). A parameter left out
+      gets no gradient this step.
+
+    Attributes:
+        loss: the scalar to back-propagate (``None`` with ``grads``).
+        logs: further values to log this step.
+        grads: ready gradients by meta-parameter name (``None`` with ``loss``).
+        value: the outer objective's value to log as ``train/outer_loss`` (defaults to ``loss``; with ``grads`` give
+            it, or nothing is logged as the outer loss).
+    """
+
+    loss: Tensor | None = None
     logs: dict[str, float | Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] | None = None
+    value: Tensor | float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.loss is None) == (self.grads is None):
+            raise ValueError("a MetaStep holds either a loss to back-propagate or ready gradients (grads), not both")
+
+    @property
+    def logged_value(self) -> Tensor | float | None:
+        """What is logged as the outer loss."""
+        if self.value is not None:
+            return self.value.detach() if isinstance(self.value, Tensor) else self.value
+        return None if self.loss is None else self.loss.detach()
 
 
 class DistillationMethod(L.LightningModule):
     """Base of every distillation method.
 
     One ``training_step`` is one outer (meta) update: the synthetic set is materialised, the method's
-    :meth:`outer_loss` runs the inner solve as a differentiable sub-routine, the loss is back-propagated into
-    the synthetic set, the synthetic optimiser steps, and :meth:`after_outer_step` updates the method's own
-    networks (model pools, students). Inner networks must be held functionally (parameter dicts), never as
-    registered submodules, so that DDP only ever sees the synthetic set.
+    :meth:`outer_loss` runs the inner solve as a differentiable sub-routine and returns a loss or ready gradients
+    (:class:`MetaStep`), :meth:`before_meta_update` may clip them, the meta-optimiser steps, and
+    :meth:`after_outer_step` updates the method's own networks (model pools, students). Inner networks must be held
+    functionally (parameter dicts), never as registered submodules, so that DDP only ever sees the meta-parameters.
 
-    A step whose loss or gradients are not finite is skipped (counted in ``train/skipped_steps``), so no NaN
-    ever reaches the synthetic set.
+    **Meta-parameters** come in named groups (:meth:`meta_parameter_groups`): the synthetic set's own groups
+    (``images``, ``labels``; see :meth:`SyntheticSet.parameter_groups`) plus any a method adds (RCIG's
+    temperature), each with its own optimiser settings. They are ``nn.Parameter`` s of this module, so Lightning
+    checkpoints them, and every one of them is finite-checked: a step whose loss or gradients are not finite is
+    skipped (counted in ``train/skipped_steps``), so no NaN ever reaches them.
+
+    **One view of the distilled set**: export, image logging, evaluation callbacks and benchmarks read the set
+    through :meth:`distilled_view`, so an average of the set (Lightning's ``EMAWeightAveraging`` added by recipe),
+    teacher-logit labels or a factorised memory change what they see in one place. The set is built and initialised
+    in :meth:`configure_model`, which Lightning's weight-averaging callbacks call before they copy the module.
 
     Args:
         synthetic: the learnable synthetic set (any :class:`SyntheticSet`; shapes are taken from the data).
-        syn_optimizer: optimiser factory for the synthetic set's parameters; ``None`` uses the method's default.
-        syn_scheduler: optional learning-rate scheduler factory, stepped once per outer step.
+        syn_optimizer: optimiser factory for the meta-parameter groups (it receives a list of torch param-group
+            dicts); ``None`` uses the method's :meth:`default_optimizer`.
+        syn_scheduler: learning-rate scheduler factory, stepped once per outer step; ``None`` uses the method's
+            :meth:`default_scheduler` (none for the base class). A scheduler with ``set_horizon`` (e.g.
+            :class:`~lightning_distill.optim.CosineDecay` without ``total_steps``) gets ``trainer.max_steps``.
+        group_options: optimiser settings per meta-parameter group, over the method's own, e.g.
+            ``{"labels": {"lr": 1e-3}}``.
         augment: optional differentiable augmentation (e.g. :class:`~lightning_distill.augment.DSA`).
         seed: seeds the method's own randomness (initialisation, augmentation, pools); offset by the DDP rank.
     """
 
     #: Whether the method learns the synthetic set (the random baseline does not).
     learns: bool = True
+    #: Whether ``training_step`` materialises the whole set for :meth:`outer_loss`; a method that samples subsets
+    #: itself (``self.synthetic(index)``) sets this to ``False`` and receives ``x_syn = y_syn = None``.
+    materialise_set: bool = True
 
     def __init__(
         self,
         synthetic: SyntheticSet,
         syn_optimizer: OptimizerCallable | None = None,
         syn_scheduler: LRSchedulerCallable | None = None,
+        group_options: dict[str, dict[str, Any]] | None = None,
         augment: nn.Module | None = None,
         seed: int = 0,
     ) -> None:
@@ -60,16 +106,28 @@ class DistillationMethod(L.LightningModule):
         self.synthetic = synthetic
         self.syn_optimizer = syn_optimizer
         self.syn_scheduler = syn_scheduler
+        self.group_options = {str(k): dict(v) for k, v in (group_options or {}).items()}
         self.augment = augment
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.data_info: dict[str, Any] = {}
         self.skipped_steps = 0
+        self._set_ready = False
 
     # ----------------------------------------------------------------------------------------------- hooks
-    def outer_loss(self, x_syn: Tensor, y_syn: Tensor, x_real: Tensor, y_real: Tensor) -> MetaStep | None:
+    def outer_loss(
+        self, x_syn: Tensor | None, y_syn: Tensor | None, x_real: Tensor, y_real: Tensor
+    ) -> MetaStep | None:
         """The meta-objective on one real batch; ``None`` means there is nothing to learn this step."""
         raise NotImplementedError
+
+    def before_meta_update(self, params: dict[str, nn.Parameter]) -> dict[str, float | Tensor]:
+        """Between the (finite) gradients and the optimiser step: clip ``p.grad`` in place here; returns logs.
+
+        Args:
+            params: the meta-parameters that received a gradient this step, by name.
+        """
+        return {}
 
     def after_outer_step(self, x_real: Tensor, y_real: Tensor) -> dict[str, float | Tensor]:
         """Work after the synthetic update (model pools, students); returns values to log."""
@@ -78,13 +136,60 @@ class DistillationMethod(L.LightningModule):
     def setup_method(self, datamodule: L.LightningDataModule) -> None:
         """Build the method's own state (pools, teachers) once the data and the synthetic set exist."""
 
-    def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """The optimiser used when no ``syn_optimizer`` is given."""
-        return torch.optim.Adam(params, lr=1e-3)
+    def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The optimiser used when no ``syn_optimizer`` is given (Adam 1e-3)."""
+        return torch.optim.Adam(groups, lr=1e-3)
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer) -> Any | None:
+        """The learning-rate schedule used when no ``syn_scheduler`` is given (none)."""
+        return None
+
+    def meta_parameter_groups(self) -> list[dict[str, Any]]:
+        """Named groups of meta-parameters as torch param-group dicts: ``{"name", "params", **options}``.
+
+        The default is the synthetic set's groups. A method with meta-parameters of its own extends the list
+        (``super().meta_parameter_groups() + [{"name": "temperature", "params": [self.log_temperature], "lr": ...}]``);
+        the recipe's ``group_options`` are applied over these.
+        """
+        return [{"name": name, "params": list(ps)} for name, ps in self.synthetic.parameter_groups().items() if ps]
+
+    def named_meta_parameters(self) -> dict[str, nn.Parameter]:
+        """Every meta-parameter by its module name (``synthetic.images``, ...): the keys of ``MetaStep.grads``."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------------------------------- the view
+    def distilled_view(self) -> DistilledView:
+        """The distilled set as everything outside the method sees it (detached; see :class:`DistilledView`).
+
+        When a Lightning weight-averaging callback (``EMAWeightAveraging``, ``StochasticWeightAveraging``-style
+        ``WeightAveraging``) runs, this is its averaged copy of the set; otherwise the live set. Methods override
+        this to change what is exported (e.g. labels that are a teacher's logits on the final images).
+        """
+        averaged = self._averaged_synthetic()
+        if averaged is not None:
+            return averaged.view(source="average")
+        return self.synthetic.view()
+
+    def _averaged_synthetic(self) -> SyntheticSet | None:
+        if self._trainer is None:
+            return None
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        for cb in self.trainer.callbacks:
+            model = getattr(cb, "_average_model", None) if isinstance(cb, WeightAveraging) else None
+            if model is not None and isinstance(getattr(model.module, "synthetic", None), SyntheticSet):
+                return model.module.synthetic
+        return None
 
     # ------------------------------------------------------------------------------------------ lifecycle
-    def setup(self, stage: str) -> None:
-        if stage != "fit":
+    def configure_model(self) -> None:
+        """Build the synthetic set from the DataModule's shapes and initialise it from real data (once).
+
+        Lightning calls this before training; weight-averaging callbacks call it earlier, from their ``setup``, so
+        that their copy of the module holds the built set. A checkpoint restore overwrites the values afterwards.
+        """
+        if self._set_ready or self._trainer is None:
+            # Without a trainer (load_from_checkpoint calls this hook too) the checkpoint builds and fills the set.
             return
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "x_train"):
@@ -92,69 +197,140 @@ class DistillationMethod(L.LightningModule):
                 f"{type(self).__name__} needs a RealDataModule (e.g. MNISTDataModule) passed as "
                 "trainer.fit(method, datamodule=...), so that it can initialise the synthetic set from real data"
             )
+        if getattr(dm, "x_train", None) is None:
+            dm.setup("fit")
         self.generator.manual_seed(self.seed + self.global_rank)
         self.synthetic.build(dm.num_classes, dm.image_shape)
         self.synthetic.to(self.device)
-        # Values from real data; a checkpoint restore (resume) overwrites them after this hook.
         self.synthetic.initialise(dm.x_train, dm.y_train, self.generator)
         self.data_info = describe_datamodule(dm)
-        self.setup_method(dm)
+        self._set_ready = True
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.configure_model()
+        self.setup_method(self.trainer.datamodule)
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.synthetic.parameters() if p.requires_grad]
-        if not params:
+        groups = self.optimizer_groups()
+        if not groups:
             return None
-        opt = self.syn_optimizer(params) if self.syn_optimizer is not None else self.default_optimizer(params)
-        if self.syn_scheduler is None:
+        opt = self.syn_optimizer(groups) if self.syn_optimizer is not None else self.default_optimizer(groups)
+        sched = self.syn_scheduler(opt) if self.syn_scheduler is not None else self.default_scheduler(opt)
+        if sched is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.syn_scheduler(opt), "interval": "step"}}
+        if hasattr(sched, "set_horizon"):
+            sched.set_horizon(self.trainer.max_steps if self._trainer is not None else None)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The torch param groups the meta-optimiser receives: :meth:`meta_parameter_groups` with ``group_options``.
+
+        Raises:
+            ValueError: on duplicate group names, options for a group that does not exist, or a trainable parameter
+                that no group holds (it would silently stay fixed).
+        """
+        groups = [dict(g) for g in self.meta_parameter_groups()]
+        names = [g["name"] for g in groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"meta-parameter group names must be unique, got {names}")
+        unknown = sorted(set(self.group_options) - set(names))
+        if unknown:
+            raise ValueError(
+                f"group_options names groups this method does not have: {', '.join(unknown)}; "
+                f"its groups are {', '.join(names) or '(none)'}"
+            )
+        for g in groups:
+            g.update(self.group_options.get(g["name"], {}))
+        # Every trainable tensor must be optimised by exactly one group: a forgotten one would silently stay fixed.
+        grouped = [id(p) for g in groups for p in g["params"]]
+        if len(set(grouped)) != len(grouped):
+            raise ValueError("a meta-parameter appears in more than one group")
+        missing = [n for n, p in self.named_meta_parameters().items() if id(p) not in set(grouped)]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} has trainable parameters in no meta-parameter group: {', '.join(missing)}; "
+                "add them in meta_parameter_groups() or set requires_grad=False"
+            )
+        return groups
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x_real, y_real = batch
-        x_syn, y_syn = self.synthetic()
+        x_syn, y_syn = self.synthetic() if self.materialise_set else (None, None)
         step = self.outer_loss(x_syn, y_syn, x_real, y_real)
         logs: dict[str, float | Tensor] = {}
         if step is not None:
             logs.update(step.logs)
-            logs.update(self._update_synthetic(step.loss))
+            logs.update(self.apply_meta_step(step))
         else:
-            # Nothing to learn this step: an optimiser step without gradients changes nothing but still counts the
-            # outer step, which is how Lightning's manual optimisation advances global_step (and reaches max_steps).
-            opt = self.optimizers()
-            opt.zero_grad(set_to_none=True)
-            opt.step()
+            self._null_step()
         logs.update(self.after_outer_step(x_real, y_real))
         logs["train/skipped_steps"] = float(self.skipped_steps)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(x_real))
-        if step is not None:
-            self.log("loss", step.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(x_real))
+        value = None if step is None else step.logged_value
+        if value is not None:
+            self.log("loss", value, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(x_real))
 
-    def _update_synthetic(self, loss: Tensor) -> dict[str, float | Tensor]:
+    def _null_step(self) -> None:
+        # Nothing to learn (or a refused step): an optimiser step without gradients changes nothing but still counts
+        # the outer step, which is how Lightning's manual optimisation advances global_step (and reaches max_steps).
         opt = self.optimizers()
-        if not torch.isfinite(loss):
-            opt.zero_grad(set_to_none=True)
-            opt.step()
-            self.skipped_steps += 1
-            return {}
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        named = [(n, p) for n, p in self.synthetic.named_parameters() if p.grad is not None]
-        norms = {n: p.grad.detach().norm() for n, p in named}
+        opt.step()
+
+    def apply_meta_step(self, step: MetaStep) -> dict[str, float | Tensor]:
+        """Put the step's gradients on the meta-parameters, refuse non-finite ones, clip, and step the optimiser.
+
+        Returns the values to log (``train/outer_loss``, ``train/grad_norm_<group>``).
+        """
+        opt = self.optimizers()
+        value = step.logged_value
+        logs: dict[str, float | Tensor] = {} if value is None else {"train/outer_loss": value}
+        opt.zero_grad(set_to_none=True)
+        if step.loss is not None:
+            if not torch.isfinite(step.loss):
+                self.skipped_steps += 1
+                self._null_step()
+                return {}
+            self.manual_backward(step.loss)
+        else:
+            self._assign_grads(step.grads)
+        named = {n: p for n, p in self.named_meta_parameters().items() if p.grad is not None}
+        norms = {n: p.grad.detach().norm() for n, p in named.items()}
         if not all(torch.isfinite(v) for v in norms.values()):
             # A non-finite gradient must never reach the set: drop the gradients, count the skip. The step without
             # gradients leaves the set unchanged but keeps global_step counting outer steps.
-            opt.zero_grad(set_to_none=True)
-            opt.step()
             self.skipped_steps += 1
-            return {"train/outer_loss": loss.detach()}
+            self._null_step()
+            return logs
+        logs.update(self.before_meta_update(named))
         opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-        logs: dict[str, float | Tensor] = {"train/outer_loss": loss.detach()}
         for n, v in norms.items():
             logs[f"train/grad_norm_{_short(n)}"] = v
         return logs
+
+    def _assign_grads(self, grads: dict[str, Tensor]) -> None:
+        params = self.named_meta_parameters()
+        unknown = sorted(set(grads) - set(params))
+        if unknown:
+            raise KeyError(
+                f"MetaStep.grads names no meta-parameter of {type(self).__name__}: {', '.join(unknown)}; "
+                f"known: {', '.join(params)}"
+            )
+        world = self.trainer.world_size if self._trainer is not None else 1
+        for name, g in grads.items():
+            p = params[name]
+            if g.shape != p.shape:
+                raise ValueError(f"gradient for {name} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
+            g = g.detach().to(p)
+            if world > 1:
+                # Autograd's DDP hooks never see hand-made gradients: average them over the ranks here, as DDP would.
+                g = self.trainer.strategy.reduce(g, reduce_op="mean")
+            p.grad = g.clone()
 
     # --------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -188,11 +364,13 @@ class DistillationMethod(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- export
     def export_payload(self) -> dict[str, Any]:
-        """The current synthetic set in the export format (a detached CPU snapshot with its metadata)."""
+        """The distilled set (:meth:`distilled_view`) in the export format, a CPU snapshot with its metadata."""
         from lightning_distill.export import build_export
 
         step = int(self.trainer.global_step) if self._trainer is not None else None
-        return build_export(self.synthetic, self.data_info, type(self).__name__, self.config(), self.seed, step)
+        return build_export(
+            self.distilled_view(), self.synthetic, self.data_info, type(self).__name__, self.config(), self.seed, step
+        )
 
     def config(self) -> dict[str, Any]:
         """The method's configuration, recorded in exports (plain values only)."""
@@ -223,7 +401,9 @@ def describe_datamodule(dm: L.LightningDataModule) -> dict[str, Any]:
 
 
 def _short(name: str) -> str:
-    return {"images": "x", "labels": "y"}.get(name.split(".")[-1], name.replace(".", "_"))
+    # synthetic.images -> x, synthetic.labels -> y (the names the logs have always used); others keep their path.
+    short = {"synthetic.images": "x", "synthetic.labels": "y"}.get(name)
+    return short or name.removeprefix("synthetic.").replace(".", "_")
 
 
 def _plain(v: Any) -> Any:

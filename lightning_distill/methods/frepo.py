@@ -6,10 +6,10 @@ Zhou, Nezhadarya, Ba, "Dataset Distillation using Neural Feature Regression", Ne
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lightning_distill.components.model_pool import ModelPool
@@ -17,7 +17,7 @@ from lightning_distill.functional.kernels import krr_predict
 from lightning_distill.functional.losses import centred_one_hot, half_mse, label_margin_loss
 from lightning_distill.methods.base import DistillationMethod, MetaStep
 from lightning_distill.nets import get_net
-from lightning_distill.optim import LAMB
+from lightning_distill.optim import LAMB, CosineDecay
 from lightning_distill.synthetic.base import SyntheticSet
 
 
@@ -41,11 +41,13 @@ class FRePo(DistillationMethod):
         online_batch: at most this many synthetic images per online step (FRePo: 1000).
         ridge: relative ridge of the kernel regression (FRePo: 1e-6).
         use_flip: add horizontally flipped copies of the synthetic images to the regression support set.
-        lr: outer learning rate (FRePo: 3e-4), cosine-decayed to ``lr * lr_final_ratio`` over ``decay_steps``.
-        lr_final_ratio: FRePo: 0.1.
-        decay_steps: length of the cosine decay; ``None`` uses the trainer's ``max_steps``.
-        optimizer: ``lamb`` (the paper's, per-tensor trust ratio) or ``adam``; ignored when ``syn_optimizer`` is set.
-        syn_optimizer: optional optimiser factory overriding ``optimizer``/``lr``.
+        syn_optimizer: the outer optimiser factory; ``None`` is FRePo's: :class:`~lightning_distill.optim.LAMB` at
+            3e-4 (per-tensor trust ratio). A recipe writes ``{class_path: lightning_distill.optim.LAMB, init_args:
+            {lr: 0.003}}`` (or any torch optimiser).
+        syn_scheduler: the outer schedule; ``None`` is FRePo's: :class:`~lightning_distill.optim.CosineDecay` to 0.1x
+            the initial rate over ``trainer.max_steps`` (give ``total_steps`` to fix the horizon instead).
+        group_options: optimiser settings per meta-parameter group (``images``, ``labels``), e.g.
+            ``{"labels": {"lr": 1e-3}}``.
         seed: seeds initialisation, the pool and the pool-model choice.
     """
 
@@ -60,25 +62,26 @@ class FRePo(DistillationMethod):
         online_batch: int = 1000,
         ridge: float = 1e-6,
         use_flip: bool = False,
-        lr: float = 3e-4,
-        lr_final_ratio: float = 0.1,
-        decay_steps: int | None = None,
-        optimizer: Literal["lamb", "adam"] = "lamb",
-        syn_optimizer: Any = None,
+        syn_optimizer: OptimizerCallable | None = None,
+        syn_scheduler: LRSchedulerCallable | None = None,
+        group_options: dict[str, dict[str, Any]] | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(synthetic=synthetic, syn_optimizer=syn_optimizer, seed=seed)
+        super().__init__(
+            synthetic=synthetic,
+            syn_optimizer=syn_optimizer,
+            syn_scheduler=syn_scheduler,
+            group_options=group_options,
+            seed=seed,
+        )
         if pool_size < 1 or max_online_steps < 1 or online_batch < 1:
             raise ValueError("pool_size, max_online_steps and online_batch must be positive")
         if ridge < 0:
             raise ValueError(f"ridge must be non-negative, got {ridge}")
-        if optimizer not in ("lamb", "adam"):
-            raise ValueError(f"optimizer must be 'lamb' or 'adam', got {optimizer!r}")
         self.arch, self.arch_kwargs = arch, dict(arch_kwargs or {})
         self.pool_size, self.max_online_steps = pool_size, max_online_steps
         self.online_lr, self.online_batch = online_lr, online_batch
         self.ridge, self.use_flip = ridge, use_flip
-        self.lr, self.lr_final_ratio, self.decay_steps, self.optimizer_name = lr, lr_final_ratio, decay_steps, optimizer
         self.pool: ModelPool | None = None
         self.pool_index = 0
         self.solver_fallbacks = 0
@@ -96,28 +99,13 @@ class FRePo(DistillationMethod):
         ).to(self.device)
         self.pool_index = self.pool.select(self.generator)
 
-    def default_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        if self.optimizer_name == "lamb":
-            return LAMB(params, lr=self.lr)
-        return torch.optim.Adam(params, lr=self.lr)
+    def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """FRePo's outer optimiser: LAMB at the paper's 3e-4."""
+        return LAMB(groups, lr=3e-4)
 
-    def configure_optimizers(self) -> Any:
-        opt = super().configure_optimizers()
-        if opt is None or self.syn_optimizer is not None:
-            return opt
-        total = self.decay_steps or self.trainer.max_steps
-        if total is None or total < 1:
-            raise ValueError("FRePo's cosine decay needs decay_steps or trainer.max_steps")
-        final = self.lr_final_ratio
-
-        def cosine(t: int) -> float:
-            p = min(t, total) / total
-            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
-
-        return {
-            "optimizer": opt,
-            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, cosine), "interval": "step"},
-        }
+    def default_scheduler(self, optimizer: torch.optim.Optimizer) -> CosineDecay:
+        """FRePo's schedule: cosine decay to 0.1x over the run's ``max_steps``."""
+        return CosineDecay(optimizer, total_steps=None, final_ratio=0.1)
 
     # ------------------------------------------------------------------------------------- outer step
     def targets(self, y_syn: Tensor) -> Tensor:

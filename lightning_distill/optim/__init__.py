@@ -1,5 +1,6 @@
-"""Optimisers that torch.optim lacks."""
+"""Optimisers and schedules that torch.optim lacks."""
 
 from lightning_distill.optim.lamb import LAMB
+from lightning_distill.optim.schedules import CosineDecay
 
-__all__ = ["LAMB"]
+__all__ = ["LAMB", "CosineDecay"]

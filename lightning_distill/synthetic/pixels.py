@@ -78,8 +78,18 @@ class PixelSet(SyntheticSet):
             return
         self.images.copy_(select_real(x_real, y_real, self.num_classes, self.ipc, generator).to(self.images))
 
-    def forward(self) -> tuple[Tensor, Tensor]:
-        return self.images, self.labels
+    def forward(self, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if index is None:
+            return self.images, self.labels
+        index = index.to(self.images.device)
+        return self.images[index], self.labels[index]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``images`` and, when learned, ``labels``: two groups, so a recipe can give labels their own rate."""
+        groups = {"images": [self.images]} if self.images.requires_grad else {}
+        if isinstance(self.labels, nn.Parameter) and self.labels.requires_grad:
+            groups["labels"] = [self.labels]
+        return groups
 
 
 def select_real(
