@@ -91,19 +91,24 @@ def test_train_step_updates_params_buffers_and_lowers_loss():
 
 
 def test_train_step_matches_torch_adam_on_a_module():
-    pool = _pool(size=1, lr=1e-2)
+    # Pins the meaning of the default online update: exactly torch.optim.Adam (single-tensor path) on ½-MSE with
+    # BN in train mode, bit for bit, and the returned loss is the one before each step.
+    pool = _pool(size=1, lr=1e-2, betas=(0.8, 0.99), eps=1e-7)
     net = TinyNet()
     net.load_state_dict({**pool.params(0), **pool.buffers(0)})
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, eps=1e-8)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, foreach=False)
     x, y = _batch()
     net.train()
-    for _ in range(3):
+    for _ in range(5):
         opt.zero_grad()
-        half_mse(net(x), y).backward()
+        loss = half_mse(net(x), y)
+        loss.backward()
         opt.step()
-        pool.train_step(0, x, y)
+        assert torch.equal(pool.train_step(0, x, y), loss.detach())
     for k, v in net.state_dict().items():
-        torch.testing.assert_close({**pool.params(0), **pool.buffers(0)}[k], v, rtol=1e-5, atol=1e-6)
+        assert torch.equal({**pool.params(0), **pool.buffers(0)}[k], v), k
+    assert isinstance(pool.optimizer(0), torch.optim.Adam)
+    assert all(s["step"].item() == 5 for s in pool.optimizer(0).state.values())
     # Applying the stored tensors through the (meta-device) template equals the real module in eval mode.
     net.load_state_dict({**pool.params(0), **pool.buffers(0)})
     net.eval()
@@ -203,3 +208,204 @@ def test_to_device_returns_pool():
     pool = _pool(size=2)
     assert pool.to("cpu") is pool and pool.device == torch.device("cpu")
     assert all(v.device.type == "cpu" for v in pool.params(1).values())
+
+
+# ---------------------------------------------------------------------------------------------- the general pool
+
+
+def _same_members(a: ModelPool, b: ModelPool) -> None:
+    for i in range(a.size):
+        for k, v in {**a.params(i), **a.buffers(i)}.items():
+            assert torch.equal(v, {**b.params(i), **b.buffers(i)}[k]), (i, k)
+        assert a.step_count(i) == b.step_count(i) and a.reset_count(i) == b.reset_count(i)
+
+
+def test_steps_per_visit_range_draws_from_the_callers_generator():
+    kw = {"size": 2, "max_online_steps": 1000, "staggered": False}
+    ranged, single = _pool(steps_per_visit=(1, 4), **kw), _pool(**kw)
+    x, y = _batch()
+    g, replay = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    drawn = []
+    for visit in range(8):
+        idx = visit % 2
+        n = int(torch.randint(1, 5, (1,), generator=replay).item())
+        drawn.append(n)
+        loss = ranged.train_step(idx, x, y, generator=g)
+        # A visit of n steps is n one-step visits (no reset in between).
+        for _ in range(n):
+            last = single.train_step(idx, x, y)
+        assert torch.equal(loss, last)  # the loss of the visit's last step
+    assert torch.equal(g.get_state(), replay.get_state())
+    assert len(set(drawn)) > 1 and set(drawn) <= {1, 2, 3, 4}
+    _same_members(ranged, single)
+    for idx in range(2):
+        total = sum(drawn[idx::2])
+        assert ranged.step_count(idx) == total
+        assert all(s["step"].item() == total for s in ranged.optimizer(idx).state.values())
+
+
+def test_fixed_steps_per_visit_and_range_validation():
+    pool = _pool(size=1, steps_per_visit=3, staggered=False)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    pool.train_step(0, *_batch(), generator=g)
+    assert pool.step_count(0) == 3
+    assert torch.equal(g.get_state(), state)  # a fixed count consumes no randomness
+    with pytest.raises(ValueError, match="generator"):
+        _pool(size=1, steps_per_visit=(1, 15)).train_step(0, *_batch())
+    for bad in (0, (0, 3), (4, 2), (1, 2, 3)):
+        with pytest.raises(ValueError):
+            _pool(size=1, steps_per_visit=bad)
+    # A reset visit draws nothing and trains nothing.
+    pool = _pool(size=1, max_online_steps=0, steps_per_visit=(2, 5), staggered=False)
+    pool.train_step(0, *_batch(), generator=g)
+    state = g.get_state()
+    assert pool.train_step(0, *_batch(), generator=g) is None
+    assert torch.equal(g.get_state(), state) and pool.step_count(0) == 0
+
+
+def test_injected_loss_is_used():
+    def l1(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (out - target).abs().mean()
+
+    pool = _pool(size=1, loss_fn=l1, lr=1e-2)
+    net = TinyNet()
+    net.load_state_dict({**pool.params(0), **pool.buffers(0)})
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, foreach=False)
+    x, y = _batch()
+    net.train()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = l1(net(x), y)
+        loss.backward()
+        opt.step()
+        assert torch.equal(pool.train_step(0, x, y), loss.detach())
+    for k, v in net.state_dict().items():
+        assert torch.equal({**pool.params(0), **pool.buffers(0)}[k], v), k
+
+
+def test_injected_optimizer_is_used_and_rebuilt_on_reset():
+    def sgd(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+    pool = _pool(size=1, max_online_steps=2, staggered=False, optimizer_factory=sgd)
+    net = TinyNet()
+    net.load_state_dict({**pool.params(0), **pool.buffers(0)})
+    opt = sgd(list(net.parameters()))
+    x, y = _batch()
+    net.train()
+    for _ in range(3):
+        opt.zero_grad()
+        half_mse(net(x), y).backward()
+        opt.step()
+        pool.train_step(0, x, y)
+    assert isinstance(pool.optimizer(0), torch.optim.SGD)
+    for k, v in net.state_dict().items():
+        assert torch.equal({**pool.params(0), **pool.buffers(0)}[k], v), k
+    first = pool.optimizer(0)
+    assert pool.train_step(0, x, y) is None  # 3 > 2: re-initialised with a fresh optimiser over the new tensors
+    assert isinstance(pool.optimizer(0), torch.optim.SGD) and pool.optimizer(0) is not first
+    assert not pool.optimizer(0).state
+    assert list(map(id, pool.optimizer(0).param_groups[0]["params"])) == list(map(id, pool.params(0).values()))
+
+
+def test_parked_pool_stores_on_the_park_device_and_matches_unparked():
+    kw = {"size": 3, "max_online_steps": 4, "steps_per_visit": (1, 3)}
+    parked, plain = _pool(park_device="cpu", **kw), _pool(**kw)
+    assert parked.park_device == torch.device("cpu") and plain.park_device is None
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    x, y = _batch()
+    for visit in range(12):
+        a, b = parked.train_step(visit % 3, x, y, generator=g1), plain.train_step(visit % 3, x, y, generator=g2)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+        assert torch.equal(parked.features(visit % 3, x), plain.features(visit % 3, x))
+    _same_members(parked, plain)
+    for i in range(3):
+        assert all(v.device == parked.park_device for v in {**parked.params(i), **parked.buffers(i)}.values())
+        for s in parked.optimizer(i).state.values():
+            assert all(v.device == parked.park_device for v in s.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_parked_on_cpu_computes_on_cuda_like_an_unparked_cuda_pool():
+    kw = {"size": 3, "max_online_steps": 4, "steps_per_visit": (1, 3), "device": "cuda"}
+    parked, plain = _pool(park_device="cpu", **kw), _pool(**kw)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    x, y = (t.cuda() for t in _batch())
+    for visit in range(12):
+        i = visit % 3
+        feats = parked.features(i, x.clone().requires_grad_(True))
+        assert feats.device.type == "cuda" and torch.equal(feats, plain.features(i, x))
+        a, b = parked.train_step(i, x, y, generator=g1), plain.train_step(i, x, y, generator=g2)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    for i in range(3):
+        for k, v in {**parked.params(i), **parked.buffers(i)}.items():
+            assert v.device.type == "cpu" and torch.equal(v, {**plain.params(i), **plain.buffers(i)}[k].cpu()), k
+        # The optimiser still holds the stored tensors themselves (moved through .data, never replaced).
+        assert list(map(id, parked.optimizer(i).param_groups[0]["params"])) == list(map(id, parked.params(i).values()))
+        for s in parked.optimizer(i).state.values():
+            assert all(v.device.type == "cpu" for v in s.values())
+    # to() changes the compute device only; the members stay parked.
+    assert parked.to("cuda").device.type == "cuda" and parked.params(0)["fc.weight"].device.type == "cpu"
+
+
+def test_state_round_trip_continues_identically_with_ranges_and_parking(tmp_path):
+    kw = {"size": 3, "max_online_steps": 5, "steps_per_visit": (1, 3), "park_device": "cpu"}
+    pool, g = _pool(**kw), torch.Generator().manual_seed(4)
+    x, y = _batch()
+    for visit in range(5):
+        pool.train_step(visit % 3, x, y, generator=g)
+    torch.save({"pool": pool.state_dict(), "generator": g.get_state()}, tmp_path / "pool.pt")
+    saved = torch.load(tmp_path / "pool.pt", weights_only=True)
+    restored, twin = _pool(**{**kw, "seed": 9}), _pool(**{**kw, "seed": 9})
+    restored.load_state_dict(saved["pool"])
+    twin.load_state_dict(saved["pool"])  # the same dict twice: the pools must not share tensors
+    g2 = torch.Generator()
+    g2.set_state(saved["generator"])
+    for visit in range(5, 20):
+        a, b = pool.train_step(visit % 3, x, y, generator=g), restored.train_step(visit % 3, x, y, generator=g2)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), visit
+    assert sum(pool.reset_count(i) for i in range(3)) > 0
+    _same_members(pool, restored)
+    # Training the restored pool changed neither the twin nor the loaded dict.
+    for i, saved_member in enumerate(saved["pool"]["members"]):
+        for k, v in saved_member["params"].items():
+            assert torch.equal(twin.params(i)[k], v)
+        twin_state = twin.optimizer(i).state_dict()["state"]
+        for j, s_saved in saved_member["optimizer"]["state"].items():
+            assert all(torch.equal(twin_state[j][key], s_saved[key]) for key in s_saved)
+    assert not torch.equal(twin.params(0)["fc.weight"], restored.params(0)["fc.weight"])
+
+
+def test_state_dict_holds_the_optimizer_state_and_keeps_configured_hyperparameters():
+    pool = _pool(size=2, lr=1e-2)
+    pool.train_step(0, *_batch())
+    state = pool.state_dict()
+    assert set(state["members"][0]) == {"params", "buffers", "optimizer", "step", "resets"}
+    assert len(state["members"][0]["optimizer"]["state"]) == len(pool.params(0))
+    other = _pool(size=2, lr=1e-3)
+    other.load_state_dict(state)
+    assert other.optimizer(0).param_groups[0]["lr"] == 1e-3  # as configured, like max_online_steps
+    exp_avg = next(iter(other.optimizer(0).state.values()))["exp_avg"]
+    assert torch.equal(exp_avg, next(iter(pool.optimizer(0).state.values()))["exp_avg"])
+
+
+def test_loads_checkpoints_of_the_hand_written_adam():
+    # The earlier format: exp_avg / exp_avg_sq dicts and an adam_step count per member.
+    pool, x, y = _pool(size=2, max_online_steps=3, staggered=False), *_batch()
+    for _ in range(2):
+        pool.train_step(0, x, y)
+    legacy = pool.state_dict()
+    for i, m in enumerate(legacy["members"]):
+        opt_state = m.pop("optimizer")["state"]
+        names = list(pool.params(i))
+        m["exp_avg"] = {k: opt_state[j]["exp_avg"] for j, k in enumerate(names)} if opt_state else {}
+        m["exp_avg_sq"] = {k: opt_state[j]["exp_avg_sq"] for j, k in enumerate(names)} if opt_state else {}
+        m["adam_step"] = int(opt_state[0]["step"].item()) if opt_state else 0
+    restored = _pool(size=2, max_online_steps=3, staggered=False)
+    restored.load_state_dict(legacy)
+    for _ in range(4):
+        for i in range(2):
+            a, b = pool.train_step(i, x, y), restored.train_step(i, x, y)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    _same_members(pool, restored)

@@ -1,5 +1,5 @@
 """Stateful helpers shared by methods (held functionally, never registered as submodules)."""
 
-from lightning_distill.components.model_pool import ModelPool
+from lightning_distill.components.model_pool import ModelPool, OptimizerFactory
 
-__all__ = ["ModelPool"]
+__all__ = ["ModelPool", "OptimizerFactory"]

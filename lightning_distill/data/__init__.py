@@ -11,6 +11,7 @@ from lightning_distill.data.distilled import DistilledDataModule
 from lightning_distill.data.folders import ImageFolderDataModule, TinyImageNetDataModule
 from lightning_distill.data.preprocess import Preprocessing, ZCAFit, fit_zca, fit_zca_kornia, fit_zca_trace
 from lightning_distill.data.real import RealBatchStream, RealDataModule
+from lightning_distill.data.stream import ClassBalancedStream, ClassSubsetStream
 from lightning_distill.data.torchvision_sets import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -59,6 +60,8 @@ __all__ = [
     "ArrayDataModule",
     "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "ClassBalancedStream",
+    "ClassSubsetStream",
     "DatasetNotFoundError",
     "DistilledDataModule",
     "FashionMNISTDataModule",

@@ -28,7 +28,7 @@ from lightning_distill.data.preprocess import (
     fit_zca_kornia,
     fit_zca_trace,
 )
-from lightning_distill.data.stream import RealBatchStream
+from lightning_distill.data.stream import ClassBalancedStream, RealBatchStream
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ class RealDataModule(L.LightningDataModule):
         seed: Seed of the validation split and of the training batch stream (plus the global rank).
         device: Where the training tensor lives. None: the trainer's root device when attached, else the CPU.
         eval_batch_size: Batch size of the validation and test loaders. None: ``batch_size``.
+        sampler: How real batches are drawn: ``uniform`` (seeded permutations of the whole training split) or
+            ``balanced`` (``batch_size // num_classes`` images of every class per batch, each class walking its own
+            permutation). Methods that need per-class or class-subset batches build a
+            :class:`~lightning_distill.data.stream.ClassSubsetStream` on ``x_train``/``y_train`` themselves.
     """
 
     name: str = "real"
@@ -81,8 +85,11 @@ class RealDataModule(L.LightningDataModule):
         seed: int = 0,
         device: str | None = None,
         eval_batch_size: int | None = None,
+        sampler: Literal["uniform", "balanced"] = "uniform",
     ) -> None:
         super().__init__()
+        if sampler not in ("uniform", "balanced"):
+            raise ValueError(f"sampler must be 'uniform' or 'balanced', got {sampler!r}")
         if zca not in ZCA_CONVENTIONS:
             raise ValueError(f"zca must be one of {', '.join(ZCA_CONVENTIONS)}, got {zca!r}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -97,6 +104,7 @@ class RealDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.device = device
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
+        self.sampler = sampler
         self._raw: dict[str, tuple[Tensor, Tensor]] = {}
         self.preprocessing: Preprocessing | None = None
         self.x_train: Tensor | None = None
@@ -284,7 +292,7 @@ class RealDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- loaders
 
-    def train_dataloader(self) -> RealBatchStream:
+    def train_dataloader(self) -> RealBatchStream | ClassBalancedStream:
         """Endless seeded stream of ``(x_real, y_real)`` batches on the training device (seed + global rank)."""
         self._require_setup()
         self._move_train(self._resolve_device())
@@ -292,6 +300,15 @@ class RealDataModule(L.LightningDataModule):
         assert self.x_train is not None and self.y_train is not None
         # Under a Trainer the fit loop holds one prefetched batch when it checkpoints.
         lookahead = 1 if self.trainer is not None else 0
+        if self.sampler == "balanced":
+            return ClassBalancedStream(
+                self.x_train,
+                self.y_train,
+                self.batch_size,
+                self.seed + rank,
+                lookahead=lookahead,
+                num_classes=self.num_classes,
+            )
         return RealBatchStream(self.x_train, self.y_train, self.batch_size, self.seed + rank, lookahead=lookahead)
 
     def val_dataloader(self) -> DataLoader:

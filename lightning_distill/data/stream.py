@@ -1,4 +1,8 @@
-"""The endless, seeded, resumable stream of real batches served to the outer loop."""
+"""The endless, seeded, resumable streams of real batches served to the outer loop.
+
+:class:`RealBatchStream` serves uniform batches; the class-aware streams of :mod:`lightning_distill.data.samplers`
+(:class:`ClassBalancedStream`, :class:`ClassSubsetStream`) share its contract and are exported here beside it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_distill.data.samplers import ClassBalancedStream, ClassSubsetStream
+
+__all__ = ["ClassBalancedStream", "ClassSubsetStream", "RealBatchStream"]
 
 
 class RealBatchStream:
