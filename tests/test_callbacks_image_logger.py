@@ -1,7 +1,8 @@
-"""SyntheticImageLogger: PNGs without W&B, images and the final artifact in an offline W&B run."""
+"""SyntheticImageLogger: PNGs without W&B, images in an offline W&B run (the artifact is ExportDistilled's)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
@@ -12,14 +13,19 @@ from PIL import Image
 
 from lightning_distill.callbacks import SyntheticImageLogger
 from lightning_distill.callbacks.image_logger import label_heatmap
-from lightning_distill.export import load_distilled
 from lightning_distill.methods import FRePo, RandomSubset
+from lightning_distill.optim import CosineDecay
 from lightning_distill.synthetic import PixelSet
 from tests.helpers import quiet_trainer, tiny_mnist_dm
 
 
 def _frepo() -> FRePo:
-    return FRePo(synthetic=PixelSet(ipc=1, labels="learned"), arch_kwargs={"width": 4}, pool_size=2, decay_steps=10)
+    return FRePo(
+        synthetic=PixelSet(ipc=1, labels="learned"),
+        arch_kwargs={"width": 4},
+        pool_size=2,
+        syn_scheduler=lambda o: CosineDecay(o, total_steps=10),
+    )
 
 
 def _fit(root: Path, tmp_path: Path, callback: SyntheticImageLogger, steps: int, method=None, logger=None):
@@ -68,7 +74,29 @@ def test_bad_arguments():
         SyntheticImageLogger(max_per_class=0)
 
 
-def test_wandb_offline_images_and_artifact(data_root, tmp_path, monkeypatch):
+def test_reads_the_distilled_view(data_root, tmp_path, monkeypatch):
+    # The picture is of what distilled_view() returns (an average, teacher labels...), not of method.synthetic.
+    method = RandomSubset(synthetic=PixelSet(ipc=2))
+    calls = []
+    real_view = method.distilled_view
+
+    def first_of_each_class():
+        view = real_view()
+        calls.append(view.images_per_class)
+        keep = slice(None, None, view.images_per_class)
+        return dataclasses.replace(
+            view, images=view.images[keep], labels=view.labels[keep], class_ids=view.class_ids[keep], images_per_class=1
+        )
+
+    monkeypatch.setattr(method, "distilled_view", first_of_each_class)
+    cb = SyntheticImageLogger(every_n_steps=0)
+    _fit(data_root, tmp_path, cb, steps=1, method=method)
+    assert calls and set(calls) == {2}
+    with Image.open(tmp_path / "images" / "step_1.png") as im:
+        assert im.size == (28 + 2, 10 * 29 + 1)  # one image per class, as the view says (the set holds two)
+
+
+def test_wandb_offline_images(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="test")
@@ -83,26 +111,13 @@ def test_wandb_offline_images_and_artifact(data_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(logger, "log_image", spy_log_image)
     run = logger.experiment
-    real_log_artifact = run.log_artifact
-
-    def spy_log_artifact(artifact, *args, **kwargs):
-        # The file is the export format and W&B has its own copy of it (the temporary folder is gone later).
-        entry = artifact.manifest.entries["distilled.pt"]
-        artifacts.append((artifact, load_distilled(entry.local_path), Path(entry.local_path)))
-        return real_log_artifact(artifact, *args, **kwargs)
-
-    monkeypatch.setattr(run, "log_artifact", spy_log_artifact)
+    monkeypatch.setattr(run, "log_artifact", lambda artifact, *a, **k: artifacts.append(artifact))
     cb = SyntheticImageLogger(every_n_steps=2)
-    method, _ = _fit(data_root, tmp_path, cb, steps=2, logger=logger)
+    _fit(data_root, tmp_path, cb, steps=2, logger=logger)
 
     assert logged == [("synthetic/images", 2), ("synthetic/labels", 2)]
     assert not (tmp_path / "images").exists()
-    assert len(artifacts) == 1
-    artifact, payload, staged = artifacts[0]
-    assert staged.is_file()
-    assert artifact.name.startswith("distilled-mnist-ipc1") and artifact.type == "distilled-set"
-    assert artifact.metadata["method"] == "FRePo" and artifact.metadata["ipc"] == 1
-    assert torch.equal(payload["images"], method.synthetic()[0].detach())
+    assert artifacts == []  # the distilled set's artifact comes from ExportDistilled now
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     media = runs[0] / "files" / "media" / "images" / "synthetic"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,6 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightning_distill.export import save_distilled
 from lightning_distill.viz import image_grid, save_grid_png, upscale
 
 
@@ -23,11 +20,10 @@ class SyntheticImageLogger(L.Callback):
 
     Images are de-whitened for viewing with the DataModule's ``preprocessing``. When the labels are float
     (soft or learned), a heat map of ``y_syn`` (one row per synthetic image, one column per class) is logged beside
-    the grid. With a :class:`~lightning.pytorch.loggers.WandbLogger` both go to W&B under ``synthetic/images`` and
-    ``synthetic/labels``, and when training ends the final set is logged as a W&B artifact
-    ``distilled-<dataset>-ipc<k>`` of type ``distilled-set`` holding one export file (the format of
-    :class:`ExportDistilled`). Without one, PNGs are written to ``<dirpath>/step_<N>.png`` (and
-    ``step_<N>_labels.png``). Only global rank 0 does any of this.
+    the grid. The set is read through the method's ``distilled_view()`` (what export and evaluation see too). With a
+    :class:`~lightning.pytorch.loggers.WandbLogger` both go to W&B under ``synthetic/images`` and
+    ``synthetic/labels``; without one, PNGs are written to ``<dirpath>/step_<N>.png`` (and ``step_<N>_labels.png``).
+    Only global rank 0 does any of this. The final set as a W&B artifact comes from :class:`ExportDistilled`.
 
     Args:
         every_n_steps: log every N outer steps; 0 logs only when training ends.
@@ -35,7 +31,6 @@ class SyntheticImageLogger(L.Callback):
         dirpath: folder of the PNGs; default ``<trainer.default_root_dir>/images``.
         max_per_class: at most this many images of each class in the grid.
         labels: also log the heat map of float labels.
-        artifact: log the final set as a W&B artifact (only with a WandbLogger).
     """
 
     def __init__(
@@ -45,7 +40,6 @@ class SyntheticImageLogger(L.Callback):
         dirpath: str | None = None,
         max_per_class: int = 10,
         labels: bool = True,
-        artifact: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
@@ -57,7 +51,6 @@ class SyntheticImageLogger(L.Callback):
         self.dirpath = dirpath
         self.max_per_class = max_per_class
         self.labels = labels
-        self.artifact = artifact
         self._last_step: int | None = None
         #: Files written by the last call without a W&B logger (for scripts and tests).
         self.last_paths: list[Path] = []
@@ -75,9 +68,6 @@ class SyntheticImageLogger(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_end and trainer.global_step != self._last_step:
             self.log_images(trainer, pl_module)
-        if self.artifact and trainer.is_global_zero:
-            for logger in _wandb_loggers(trainer):
-                self.log_artifact(logger, pl_module)
 
     # ---------------------------------------------------------------------------------------------- logging
     @rank_zero_only
@@ -85,13 +75,12 @@ class SyntheticImageLogger(L.Callback):
         """Log the current set now: to every WandbLogger, else as PNG files."""
         step = int(trainer.global_step)
         self._last_step = step
-        synthetic = pl_module.synthetic
-        with torch.no_grad():
-            x_syn, y_syn = synthetic()
-        grid = upscale(image_grid(x_syn, synthetic.ipc, _preprocessing(trainer, pl_module), self.max_per_class))
+        view = pl_module.distilled_view()
+        per_class = view.images_per_class
+        grid = upscale(image_grid(view.images, per_class, _preprocessing(trainer, pl_module), self.max_per_class))
         heat = None
-        if self.labels and y_syn.is_floating_point() and y_syn.ndim == 2:
-            heat = label_heatmap(y_syn, synthetic.ipc, getattr(trainer.datamodule, "class_names", None), step)
+        if self.labels and view.labels.is_floating_point() and view.labels.ndim == 2:
+            heat = label_heatmap(view.labels, per_class, getattr(trainer.datamodule, "class_names", None), step)
         wandb_loggers = _wandb_loggers(trainer)
         for logger in wandb_loggers:
             caption = [f"step {step}"]
@@ -104,28 +93,6 @@ class SyntheticImageLogger(L.Callback):
             self.last_paths.append(save_grid_png(grid, folder / f"step_{step}.png"))
             if heat is not None:
                 self.last_paths.append(save_grid_png(heat, folder / f"step_{step}_labels.png"))
-
-    def log_artifact(self, logger: WandbLogger, pl_module: L.LightningModule) -> Any:
-        """Log the current set as a W&B artifact (one export file); returns the artifact."""
-        import wandb
-
-        payload = pl_module.export_payload()
-        # W&B artifact names allow letters, digits, '-', '_' and '.': custom dataset names may hold anything else.
-        dataset = re.sub(r"[^A-Za-z0-9._-]+", "-", str(payload["dataset"]))
-        artifact = wandb.Artifact(
-            name=f"distilled-{dataset}-ipc{payload['ipc']}",
-            type="distilled-set",
-            description=f"{payload['method']} on {payload['dataset']}, {payload['ipc']} images per class",
-            metadata={
-                k: payload[k] for k in ("dataset", "num_classes", "ipc", "label_kind", "method", "seed", "version")
-            },
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            # add_file copies the file into W&B's staging area (the default "mutable" policy), so the temporary
-            # folder may go before the upload ends.
-            artifact.add_file(str(save_distilled(payload, Path(tmp) / "distilled.pt")), name="distilled.pt")
-            logger.experiment.log_artifact(artifact)
-        return artifact
 
 
 def label_heatmap(labels: Tensor, ipc: int, class_names: list[str] | None = None, step: int | None = None) -> Tensor:

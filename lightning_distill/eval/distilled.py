@@ -57,7 +57,26 @@ def evaluate_distilled(
     progress: bool = True,
     arch_kwargs: dict[str, Any] | None = None,
 ) -> EvalResult:
-    """Train ``repeats`` fresh networks on the set in ``path`` and test them on its dataset's test split."""
+    """Train ``repeats`` fresh networks on the set in ``path`` and test them on its dataset's test split.
+
+    ``lightning-distill evaluate`` is built from this signature and these descriptions: a new parameter here is a new
+    command-line option.
+
+    Args:
+        path: the export written by ``ExportDistilled`` (``distilled.pt``).
+        protocol: a protocol name (``dc``, ``krr`` or any other in ``lightning_distill.eval.PROTOCOLS``) or a
+            :class:`Protocol`.
+        arch: network registry name; ``None`` takes the protocol's network (with its options).
+        repeats: fresh networks to train.
+        root: data root holding the test split (default: the one recorded in the export).
+        data_path: file or folder of array/ImageFolder data (default: the one recorded in the export).
+        epochs: override the protocol's epochs.
+        steps: override the protocol's total optimiser steps.
+        seed: network ``i`` is initialised and augmented with ``seed + i``.
+        device: ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when available).
+        progress: show a progress bar.
+        arch_kwargs: network options, merged over the protocol's own (e.g. ``{"width": 64}``).
+    """
     payload = load_distilled(path)
     x_test, y_test = test_split_for(payload, root=root, path=data_path)
     labels = payload["labels"]

@@ -81,7 +81,8 @@ class DistillationMethod(L.LightningModule):
         group_options: optimiser settings per meta-parameter group, over the method's own, e.g.
             ``{"labels": {"lr": 1e-3}}``.
         augment: optional differentiable augmentation (e.g. :class:`~lightning_distill.augment.DSA`).
-        seed: seeds the method's own randomness (initialisation, augmentation, pools); offset by the DDP rank.
+        seed: seeds the method's own randomness (initialisation, augmentation, pools), the same on every DDP rank so
+            that the set and the method's networks stay replicated; the real batches differ by rank.
     """
 
     #: Whether the method learns the synthetic set (the random baseline does not).
@@ -199,7 +200,9 @@ class DistillationMethod(L.LightningModule):
             )
         if getattr(dm, "x_train", None) is None:
             dm.setup("fit")
-        self.generator.manual_seed(self.seed + self.global_rank)
+        # The same on every rank: under DDP the set, the pools and every choice made from this generator (pool
+        # member, online batch) stay replicated; only the real batches differ (the DataModule offsets its stream).
+        self.generator.manual_seed(self.seed)
         self.synthetic.build(dm.num_classes, dm.image_shape)
         self.synthetic.to(self.device)
         self.synthetic.initialise(dm.x_train, dm.y_train, self.generator)
