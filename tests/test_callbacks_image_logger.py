@@ -44,8 +44,8 @@ def test_pngs_without_wandb(data_root, tmp_path):
     assert names == ["step_2.png", "step_2_labels.png", "step_3.png", "step_3_labels.png"]
     with Image.open(tmp_path / "images" / "step_3.png") as im:
         w, h = im.size
-    # One row per class: 10 rows of one 28 px image, 1 px padding.
-    assert (w, h) == (28 + 2, 10 * 29 + 1)
+    # One image per class: the classes side by side, each enlarged to about 100 px (not a 30 x 291 strip).
+    assert w >= 10 * 80 and h >= 100
     with Image.open(tmp_path / "images" / "step_3_labels.png") as im:
         assert im.size[0] > 100 and im.size[1] > 100
     assert cb.last_paths == [tmp_path / "images" / "step_3.png", tmp_path / "images" / "step_3_labels.png"]
@@ -93,7 +93,8 @@ def test_reads_the_distilled_view(data_root, tmp_path, monkeypatch):
     _fit(data_root, tmp_path, cb, steps=1, method=method)
     assert calls and set(calls) == {2}
     with Image.open(tmp_path / "images" / "step_1.png") as im:
-        assert im.size == (28 + 2, 10 * 29 + 1)  # one image per class, as the view says (the set holds two)
+        # One image per class, as the view says (the set holds two): one row of the ten classes side by side.
+        assert im.size[0] >= 10 * 80 and im.size[1] < 2 * 110
 
 
 def test_wandb_offline_images(data_root, tmp_path, monkeypatch):

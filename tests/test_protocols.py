@@ -202,3 +202,46 @@ def test_label_rules_are_recorded_and_idempotent():
         for labels in (y, soft):
             once = prepare_labels(labels, protocol, 5)[0]
             assert torch.equal(prepare_labels(once, protocol, 5)[0], once)
+
+
+def test_protocol_registered_outside_is_usable_by_evaluate_and_the_callbacks(data_root, tmp_path, capsys):
+    """The command and CrossArchitectureEval accept a protocol that only this test file registered."""
+    from lightning_distill.callbacks import CrossArchitectureEval
+    from lightning_distill.cli import main
+
+    out = tmp_path / "run"
+    callback = (
+        '--trainer.callbacks+={"class_path": "lightning_distill.callbacks.CrossArchitectureEval", "init_args": '
+        '{"archs": ["mlp"], "protocol": "test_outside", "repeats": 1, "steps": 2, "progress": false}}'
+    )
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "recipes/random/mnist_ipc1.yaml",
+            f"--trainer.default_root_dir={out}",
+            f"--data.init_args.root={data_root}",
+            "--data.init_args.download=false",
+            "--trainer.logger=false",
+            callback,
+        ]
+    )
+    evals = [cb for cb in cli.trainer.callbacks if isinstance(cb, CrossArchitectureEval)]
+    assert evals and evals[0].history and evals[0].history[-1]["protocol"] == "test_outside"
+    capsys.readouterr()
+    main(
+        [
+            "evaluate",
+            str(out / "distilled.pt"),
+            "--protocol",
+            "test_outside",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert "| mlp | test_outside |" in capsys.readouterr().out
+    written = json.loads((out / "distilled_eval_test_outside.json").read_text())
+    assert written["results"][0]["extra"]["protocol"]["loss"] == "l1"

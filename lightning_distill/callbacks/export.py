@@ -11,14 +11,14 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lightning_distill.export import save_distilled
-from lightning_distill.viz import image_grid, save_grid_png, upscale
+from lightning_distill.viz import save_grid_png, set_picture
 
 #: What the artifact's metadata records of the export.
 _METADATA = ("dataset", "num_classes", "ipc", "images_per_class", "label_kind", "method", "seed", "step", "version")
 
 
 class ExportDistilled(L.Callback):
-    """Write ``distilled.pt`` (the export format) and ``distilled.png`` (a grid, de-whitened for viewing).
+    """Write ``distilled.pt`` (the export format) and ``distilled.png`` (a labelled picture, de-whitened for viewing).
 
     When training ends, the export also goes to every :class:`~lightning.pytorch.loggers.WandbLogger` as a W&B artifact
     ``distilled-<dataset>-ipc<k>`` of type ``distilled-set`` holding ``distilled.pt`` (and ``distilled.png``). Only
@@ -64,9 +64,17 @@ class ExportDistilled(L.Callback):
             from lightning_distill.data.preprocess import Preprocessing
 
             prep = Preprocessing.from_dict(payload["preprocessing"]) if payload["preprocessing"] else None
-            # One row per class: the generated images per class (a factorised set's differ from its ipc budget).
-            grid = image_grid(payload["images"], payload.get("images_per_class", payload["ipc"]), prep)
-            save_grid_png(upscale(grid), path.with_suffix(".png"))
+            # Labelled classes, the generated images per class (a factorised set's differ from its ipc budget), and
+            # float labels drawn beside their images.
+            picture = set_picture(
+                payload["images"],
+                payload["labels"],
+                payload.get("images_per_class", payload["ipc"]),
+                prep,
+                class_names=payload.get("class_names") or None,
+                title=f"{payload['method']} · {payload['dataset']} · ipc {payload['ipc']} · step {payload.get('step')}",
+            )
+            save_grid_png(picture, path.with_suffix(".png"))
         self.last_path = path
         self._last_payload = payload
         rank_zero_info(f"exported the distilled set to {path}")

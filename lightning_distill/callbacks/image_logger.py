@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightning_distill.viz import image_grid, save_grid_png, upscale
+from lightning_distill.viz import save_grid_png, set_picture
 
 
 class SyntheticImageLogger(L.Callback):
@@ -77,7 +77,16 @@ class SyntheticImageLogger(L.Callback):
         self._last_step = step
         view = pl_module.distilled_view()
         per_class = view.images_per_class
-        grid = upscale(image_grid(view.images, per_class, _preprocessing(trainer, pl_module), self.max_per_class))
+        names = getattr(trainer.datamodule, "class_names", None) or pl_module.data_info.get("class_names") or None
+        grid = set_picture(
+            view.images,
+            view.labels,
+            per_class,
+            _preprocessing(trainer, pl_module),
+            class_names=list(names) if names else None,
+            max_per_class=self.max_per_class,
+            title=f"step {step}",
+        )
         heat = None
         if self.labels and view.labels.is_floating_point() and view.labels.ndim == 2:
             heat = label_heatmap(view.labels, per_class, getattr(trainer.datamodule, "class_names", None), step)
