@@ -148,3 +148,40 @@ def test_same_seed_same_result(combo, data_root, tmp_path):
     va, vb, vc = a.distilled_view(), b.distilled_view(), c.distilled_view()
     assert torch.equal(va.images, vb.images) and torch.equal(va.labels, vb.labels)
     assert not torch.equal(va.images, vc.images)
+
+
+def test_ipc_above_a_class_count_is_refused_before_allocating(data_root, tmp_path):
+    method = FRePo(synthetic=PixelSet(ipc=100000), arch_kwargs={"width": 8})
+    with pytest.raises(ValueError, match=r"ipc=100000 needs .* but class \d+ \(\d+\) has \d+: use ipc <= \d+"):
+        quiet_trainer(tmp_path, 1).fit(method, datamodule=tiny_mnist_dm(data_root))
+    assert not method.synthetic.is_built  # nothing was allocated
+
+
+def test_a_class_without_images_is_refused(data_root, tmp_path):
+    from lightning_distill.data import ArrayDataModule
+    from tests.helpers import mnist_subset
+
+    x, y, x_te, y_te = mnist_subset(data_root)
+    keep = y != 3
+    classes = [str(c) for c in range(10)]
+    dm = ArrayDataModule(x_train=x[keep], y_train=y[keep], x_test=x_te, y_test=y_te, classes=classes, val_size=10)
+    with pytest.raises(ValueError, match=r"class 3 \(3\) has no training images"):
+        quiet_trainer(tmp_path, 1).fit(RandomSubset(synthetic=PixelSet(ipc=1, init="noise")), datamodule=dm)
+
+
+def test_consecutive_non_finite_steps_stop_the_run(data_root, tmp_path):
+    from lightning_distill.methods import NonFiniteMetaStep
+
+    method = ToyGradients(synthetic=PixelSet(ipc=1), seed=0)
+    method.max_consecutive_skips = 3
+    original = method.outer_loss
+
+    def poisoned(*args):
+        step = original(*args)
+        step.grads = {k: torch.full_like(v, float("nan")) for k, v in step.grads.items()}
+        return step
+
+    method.outer_loss = poisoned
+    with pytest.raises(NonFiniteMetaStep, match="3 outer steps in a row had a non-finite meta-gradient"):
+        quiet_trainer(tmp_path, 10).fit(method, datamodule=tiny_mnist_dm(data_root))
+    assert method.skipped_steps == 3

@@ -1,7 +1,7 @@
 """Distillation methods (one per file)."""
 
-from lightning_distill.methods.base import DistillationMethod, MetaStep
+from lightning_distill.methods.base import DistillationMethod, MetaStep, NonFiniteMetaStep
 from lightning_distill.methods.frepo import FRePo
 from lightning_distill.methods.random_subset import RandomSubset
 
-__all__ = ["DistillationMethod", "FRePo", "MetaStep", "RandomSubset"]
+__all__ = ["DistillationMethod", "FRePo", "MetaStep", "NonFiniteMetaStep", "RandomSubset"]

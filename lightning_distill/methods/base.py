@@ -51,6 +51,10 @@ class MetaStep:
         return None if self.loss is None else self.loss.detach()
 
 
+class NonFiniteMetaStep(RuntimeError):
+    """Too many outer steps in a row had a non-finite loss or meta-gradient (see ``max_consecutive_skips``)."""
+
+
 class DistillationMethod(L.LightningModule):
     """Base of every distillation method.
 
@@ -81,6 +85,8 @@ class DistillationMethod(L.LightningModule):
         group_options: optimiser settings per meta-parameter group, over the method's own, e.g.
             ``{"labels": {"lr": 1e-3}}``.
         augment: optional differentiable augmentation (e.g. :class:`~lightning_distill.augment.DSA`).
+        max_consecutive_skips: stop the run with :class:`NonFiniteMetaStep` after this many outer steps in a row
+            whose loss or meta-gradient was not finite, instead of spinning on an unchanged set (0: never stop).
         seed: seeds the method's own randomness (initialisation, augmentation, pools), the same on every DDP rank so
             that the set and the method's networks stay replicated; the real batches differ by rank.
     """
@@ -98,9 +104,16 @@ class DistillationMethod(L.LightningModule):
         syn_scheduler: LRSchedulerCallable | None = None,
         group_options: dict[str, dict[str, Any]] | None = None,
         augment: nn.Module | None = None,
+        max_consecutive_skips: int = 20,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if (
+            isinstance(max_consecutive_skips, bool)
+            or not isinstance(max_consecutive_skips, int)
+            or (max_consecutive_skips < 0)
+        ):
+            raise ValueError(f"max_consecutive_skips must be a non-negative integer, got {max_consecutive_skips!r}")
         # Collects the init arguments of the whole subclass chain; modules and callables are recorded apart.
         self.save_hyperparameters(ignore=["synthetic", "syn_optimizer", "syn_scheduler", "augment"])
         self.automatic_optimization = False
@@ -113,12 +126,12 @@ class DistillationMethod(L.LightningModule):
         self.generator = torch.Generator().manual_seed(seed)
         self.data_info: dict[str, Any] = {}
         self.skipped_steps = 0
+        self.max_consecutive_skips = max_consecutive_skips
+        self.consecutive_skips = 0
         self._set_ready = False
 
     # ----------------------------------------------------------------------------------------------- hooks
-    def outer_loss(
-        self, x_syn: Tensor | None, y_syn: Tensor | None, x_real: Tensor, y_real: Tensor
-    ) -> MetaStep | None:
+    def outer_loss(self, x_syn: Tensor | None, y_syn: Tensor | None, x_real: Tensor, y_real: Tensor) -> MetaStep | None:
         """The meta-objective on one real batch; ``None`` means there is nothing to learn this step."""
         raise NotImplementedError
 
@@ -203,6 +216,16 @@ class DistillationMethod(L.LightningModule):
         # The same on every rank: under DDP the set, the pools and every choice made from this generator (pool
         # member, online batch) stay replicated; only the real batches differ (the DataModule offsets its stream).
         self.generator.manual_seed(self.seed)
+        # Checked before anything is allocated: a set that cannot be filled must not first take gigabytes.
+        counts = torch.bincount(dm.y_train.cpu(), minlength=dm.num_classes)[: dm.num_classes]
+        names = [str(c) for c in getattr(dm, "class_names", None) or range(dm.num_classes)]
+        empty = [f"{c} ({names[c]})" for c in range(dm.num_classes) if counts[c] == 0]
+        if empty:
+            raise ValueError(
+                f"class {', '.join(empty)} has no training images in {getattr(dm, 'name', type(dm).__name__)}: "
+                "add images to it or remove the class (an ImageFolder class is a sub-folder of train/)"
+            )
+        self.synthetic.check_data(counts.tolist(), names)
         self.synthetic.build(dm.num_classes, dm.image_shape)
         self.synthetic.to(self.device)
         self.synthetic.initialise(dm.x_train, dm.y_train, self.generator)
@@ -293,8 +316,7 @@ class DistillationMethod(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         if step.loss is not None:
             if not torch.isfinite(step.loss):
-                self.skipped_steps += 1
-                self._null_step()
+                self._skip("loss")
                 return {}
             self.manual_backward(step.loss)
         else:
@@ -304,9 +326,9 @@ class DistillationMethod(L.LightningModule):
         if not all(torch.isfinite(v) for v in norms.values()):
             # A non-finite gradient must never reach the set: drop the gradients, count the skip. The step without
             # gradients leaves the set unchanged but keeps global_step counting outer steps.
-            self.skipped_steps += 1
-            self._null_step()
+            self._skip("meta-gradient")
             return logs
+        self.consecutive_skips = 0
         logs.update(self.before_meta_update(named))
         opt.step()
         sched = self.lr_schedulers()
@@ -315,6 +337,18 @@ class DistillationMethod(L.LightningModule):
         for n, v in norms.items():
             logs[f"train/grad_norm_{_short(n)}"] = v
         return logs
+
+    def _skip(self, what: str) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self._null_step()
+        if self.max_consecutive_skips and self.consecutive_skips >= self.max_consecutive_skips:
+            step = int(self.trainer.global_step) if self._trainer is not None else None
+            raise NonFiniteMetaStep(
+                f"{self.consecutive_skips} outer steps in a row had a non-finite {what} (up to step {step}); the set "
+                f"is unchanged since step {None if step is None else step - self.consecutive_skips}: lower the "
+                "learning rate, check the data for NaN/Inf, or raise max_consecutive_skips"
+            )
 
     def _assign_grads(self, grads: dict[str, Tensor]) -> None:
         params = self.named_meta_parameters()
@@ -342,6 +376,7 @@ class DistillationMethod(L.LightningModule):
             "generator": self.generator.get_state(),
             "data_info": self.data_info,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "method_state": self.method_state_dict(),
         }
 
@@ -356,6 +391,7 @@ class DistillationMethod(L.LightningModule):
         self.generator.set_state(state["generator"])
         self.data_info = state["data_info"]
         self.skipped_steps = state["skipped_steps"]
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.load_method_state_dict(state["method_state"])
 
     def method_state_dict(self) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class FRePo(DistillationMethod):
             the initial rate over ``trainer.max_steps`` (give ``total_steps`` to fix the horizon instead).
         group_options: optimiser settings per meta-parameter group (``images``, ``labels``), e.g.
             ``{"labels": {"lr": 1e-3}}``.
+        max_consecutive_skips: stop after this many non-finite outer steps in a row (0: never).
         seed: seeds initialisation, the pool and the pool-model choice.
     """
 
@@ -65,6 +66,7 @@ class FRePo(DistillationMethod):
         syn_optimizer: OptimizerCallable | None = None,
         syn_scheduler: LRSchedulerCallable | None = None,
         group_options: dict[str, dict[str, Any]] | None = None,
+        max_consecutive_skips: int = 20,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -72,6 +74,7 @@ class FRePo(DistillationMethod):
             syn_optimizer=syn_optimizer,
             syn_scheduler=syn_scheduler,
             group_options=group_options,
+            max_consecutive_skips=max_consecutive_skips,
             seed=seed,
         )
         if pool_size < 1 or max_online_steps < 1 or online_batch < 1:

@@ -140,6 +140,14 @@ class SyntheticSet(nn.Module):
         return torch.arange(c * r, (c + 1) * r)
 
     # ----------------------------------------------------------------------------------------- subclass
+    def check_data(self, counts: list[int], class_names: list[str]) -> None:
+        """Refuse real data the set cannot be initialised from, before any parameter is allocated.
+
+        Args:
+            counts: training images per class.
+            class_names: the classes' names, for the message.
+        """
+
     def _build(self) -> None:
         raise NotImplementedError
 

@@ -47,6 +47,18 @@ class PixelSet(SyntheticSet):
         self.label_scale = 1.0 if label_scale is None else float(label_scale)
         super().__init__(ipc, num_classes, image_shape)
 
+    def check_data(self, counts: list[int], class_names: list[str]) -> None:
+        """With ``init="real"`` every class needs at least ``ipc`` training images."""
+        if self.init != "real":
+            return
+        short = [c for c, n in enumerate(counts) if n < self.ipc]
+        if short:
+            c = min(short, key=lambda i: counts[i])
+            raise ValueError(
+                f"ipc={self.ipc} needs {self.ipc} training images of every class, but class {c} ({class_names[c]}) "
+                f"has {counts[c]}: use ipc <= {min(counts)} (or init: noise)"
+            )
+
     def _build(self) -> None:
         n, (c, h, w), _k = self.num_images, self.image_shape, self.num_classes
         self.images = nn.Parameter(torch.zeros(n, c, h, w))
