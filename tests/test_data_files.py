@@ -178,16 +178,28 @@ def test_array_from_npz_xz_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         ArrayDataModule(path=str(tmp_path / "missing.npz")).setup()
 
 
-@pytest.mark.slow
-def test_offline_cifar10(data_root: Path) -> None:
-    path = data_root / "CIFAR10" / "cifar10.npz.xz"
-    dm = ArrayDataModule(path=str(path), name="cifar10", val_size=5000)
+def _check_offline_cifar10(root: Path, per_class_train: int, per_class_test: int, val_size: int) -> None:
+    path = root / "CIFAR10" / "cifar10.npz.xz"
+    dm = ArrayDataModule(path=str(path), name="cifar10", val_size=val_size)
     dm.setup()
+    n_train, n_test = 10 * per_class_train, 10 * per_class_test
     assert dm.num_classes == 10 and dm.class_names[0] == "airplane" and dm.image_shape == (3, 32, 32)
-    assert dm.x_train.shape == (45000, 3, 32, 32) and dm.x_test.shape == (10000, 3, 32, 32)
+    assert dm.x_train.shape == (n_train - val_size, 3, 32, 32) and dm.x_test.shape == (n_test, 3, 32, 32)
     assert dm.preprocessing.mean == [0.4914, 0.4822, 0.4465]
-    assert torch.bincount(dm.load_split("train")[1]).tolist() == [5000] * 10
+    assert torch.bincount(dm.load_split("train")[1]).tolist() == [per_class_train] * 10
+    assert torch.bincount(dm.y_test).tolist() == [per_class_test] * 10
     # The registry's CIFAR10DataModule falls back to the same file when torchvision's batches are absent.
-    tv = get_datamodule("cifar10", root=str(data_root), val_size=5000)
+    tv = get_datamodule("cifar10", root=str(root), val_size=val_size)
     tv.setup()
     assert torch.equal(tv.x_val, dm.x_val) and torch.equal(tv.y_test, dm.y_test)
+
+
+def test_offline_cifar10_fixture(fixture_root: Path) -> None:
+    # The shipped fixture: the first 30 training and 10 test images of each class, in the same file format.
+    _check_offline_cifar10(fixture_root, per_class_train=30, per_class_test=10, val_size=50)
+
+
+@pytest.mark.slow
+@pytest.mark.full_data
+def test_offline_cifar10(full_data_root: Path) -> None:
+    _check_offline_cifar10(full_data_root, per_class_train=5000, per_class_test=1000, val_size=5000)

@@ -1,4 +1,8 @@
-"""Real DataModules: MNIST / Fashion-MNIST from the offline root, val split, batch stream, ZCA cache, errors."""
+"""Real DataModules: MNIST / Fashion-MNIST from the offline root, val split, batch stream, ZCA cache, errors.
+
+The MNIST / Fashion-MNIST checks run on the shipped fixture (always) and on the full data (``full_data``: only with
+``LIGHTNING_DISTILL_DATA`` pointing at it), each against that root's own exact counts.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +28,34 @@ def _tmp_cache(tmp_cache: Path) -> Path:
     return tmp_cache
 
 
+# What each root holds: train / test sizes and the test label counts (classes 0..9). The fixture is the first 3000 /
+# 1000 images of the official files (tests/fixtures/README.md); the full counts are the published ones.
+EXPECTED = {
+    "fixture": {
+        "n_train": 3000,
+        "n_test": 1000,
+        "mnist_test_counts": [85, 126, 116, 107, 110, 87, 87, 99, 89, 94],
+        "fashion_test_counts": [107, 105, 111, 93, 115, 87, 97, 95, 95, 95],
+    },
+    "full": {
+        "n_train": 60000,
+        "n_test": 10000,
+        "mnist_test_counts": [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009],
+        "fashion_test_counts": [1000] * 10,
+    },
+}
+
+
+@pytest.fixture(scope="module", params=["fixture", pytest.param("full", marks=pytest.mark.full_data)])
+def real(request: pytest.FixtureRequest) -> tuple[Path, dict]:
+    """(root, expected counts) for the shipped fixture and, when available, the full data."""
+    root = request.getfixturevalue("fixture_root" if request.param == "fixture" else "full_data_root")
+    return root, EXPECTED[request.param]
+
+
 @pytest.fixture(scope="module")
-def mnist(data_root: Path) -> MNISTDataModule:
-    dm = MNISTDataModule(root=str(data_root), val_size=0.1, batch_size=64)
+def mnist(real: tuple[Path, dict]) -> MNISTDataModule:
+    dm = MNISTDataModule(root=str(real[0]), val_size=0.1, batch_size=64)
     dm.setup()
     return dm
 
@@ -41,42 +70,44 @@ def _tiny_arrays(n: int = 120, seed: int = 0, shape: tuple[int, ...] = (3, 6, 6)
     }
 
 
-def test_mnist_shapes_and_classes(mnist: MNISTDataModule) -> None:
+def test_mnist_shapes_and_classes(mnist: MNISTDataModule, real: tuple[Path, dict]) -> None:
+    n, n_test = real[1]["n_train"], real[1]["n_test"]
     assert mnist.name == "mnist" and mnist.num_classes == 10 and mnist.image_shape == (1, 28, 28)
     assert mnist.class_names == [str(i) for i in range(10)]
-    assert mnist.x_train.shape == (54000, 1, 28, 28) and mnist.x_val.shape == (6000, 1, 28, 28)
-    assert mnist.x_test.shape == (10000, 1, 28, 28)
+    assert mnist.x_train.shape == (n - n // 10, 1, 28, 28) and mnist.x_val.shape == (n // 10, 1, 28, 28)
+    assert mnist.x_test.shape == (n_test, 1, 28, 28)
     assert mnist.x_train.dtype == torch.float32 and mnist.y_train.dtype == torch.int64
     assert mnist.x_train.device.type == "cpu"
     assert mnist.preprocessing.mean == [0.1307] and mnist.preprocessing.zca == "none"
     # Normalised with the published constants: roughly zero mean, unit std.
     assert abs(mnist.x_train.mean().item()) < 0.01 and abs(mnist.x_train.std().item() - 1) < 0.01
-    assert torch.bincount(mnist.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert torch.bincount(mnist.y_test).tolist() == real[1]["mnist_test_counts"]
     x_raw, y_raw = mnist.load_split("train")
-    assert x_raw.dtype == torch.uint8 and x_raw.shape == (60000, 1, 28, 28) and y_raw.dtype == torch.int64
+    assert x_raw.dtype == torch.uint8 and x_raw.shape == (n, 1, 28, 28) and y_raw.dtype == torch.int64
     assert mnist.load_split("train")[0] is x_raw  # read once, kept in memory
 
 
-def test_fashion_mnist_loads(data_root: Path) -> None:
-    dm = FashionMNISTDataModule(root=str(data_root), val_size=1000)
+def test_fashion_mnist_loads(real: tuple[Path, dict]) -> None:
+    root, expected = real
+    dm = FashionMNISTDataModule(root=str(root), val_size=1000)
     dm.setup()
-    assert dm.x_train.shape == (59000, 1, 28, 28) and dm.x_val.shape == (1000, 1, 28, 28)
+    assert dm.x_train.shape == (expected["n_train"] - 1000, 1, 28, 28) and dm.x_val.shape == (1000, 1, 28, 28)
     assert dm.class_names[0] == "T-shirt/top" and dm.class_names[-1] == "Ankle boot"
-    assert torch.bincount(dm.y_test).tolist() == [1000] * 10
+    assert torch.bincount(dm.y_test).tolist() == expected["fashion_test_counts"]
     assert dm.preprocessing.mean == [0.2861] and dm.preprocessing.std == [0.3530]
 
 
-def test_val_split_seeded_disjoint_reproducible(mnist: MNISTDataModule, data_root: Path) -> None:
-    n = 60000
+def test_val_split_seeded_disjoint_reproducible(mnist: MNISTDataModule, real: tuple[Path, dict]) -> None:
+    root, n = real[0], real[1]["n_train"]
     train_idx, val_idx = mnist.train_indices, mnist.val_indices
-    assert len(val_idx) == 6000 and len(set(train_idx.tolist()) & set(val_idx.tolist())) == 0
+    assert len(val_idx) == n // 10 and len(set(train_idx.tolist()) & set(val_idx.tolist())) == 0
     assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(n))
     x_raw, _ = mnist.load_split("train")
     torch.testing.assert_close(mnist.preprocessing.apply(x_raw[val_idx[:5]].float() / 255), mnist.x_val[:5])
-    same = MNISTDataModule(root=str(data_root), val_size=0.1, seed=0)
+    same = MNISTDataModule(root=str(root), val_size=0.1, seed=0)
     same.setup()
     assert torch.equal(same.val_indices, val_idx) and torch.equal(same.x_val, mnist.x_val)
-    other = MNISTDataModule(root=str(data_root), val_size=0.1, seed=1)
+    other = MNISTDataModule(root=str(root), val_size=0.1, seed=1)
     other.setup()
     assert not torch.equal(other.val_indices, val_idx)
 
@@ -120,10 +151,10 @@ def test_batch_stream_covers_data_and_resumes() -> None:
     assert next(iter(big.train_dataloader()))[0].shape[0] == 25
 
 
-def test_val_and_test_loaders(mnist: MNISTDataModule) -> None:
+def test_val_and_test_loaders(mnist: MNISTDataModule, real: tuple[Path, dict]) -> None:
     x, y = next(iter(mnist.val_dataloader()))
     assert torch.equal(x, mnist.x_val[:64]) and torch.equal(y, mnist.y_val[:64])
-    assert len(mnist.test_dataloader().dataset) == 10000
+    assert len(mnist.test_dataloader().dataset) == real[1]["n_test"]
 
 
 @pytest.mark.parametrize("zca", ["trace", "kornia"])
