@@ -24,8 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import stamp  # noqa: E402
 
+from lightning_distill.data import check_datamodule_record  # noqa: E402
 from lightning_distill.eval import evaluate_distilled, get_protocol  # noqa: E402
-from lightning_distill.export import load_distilled  # noqa: E402
+from lightning_distill.eval.distilled import check_device, check_length  # noqa: E402
+from lightning_distill.export import ExportError, load_distilled  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.nets import list_nets  # noqa: E402
 from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
@@ -33,9 +35,9 @@ from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
 ARCHS = ["convnet", "alexnet", "vgg11", "resnet18"]
 
 
-def set_digest(path: str | Path) -> str:
+def set_digest(path: str | Path, payload: dict[str, Any] | None = None) -> str:
     """A short hash of the set's images and labels: which version of a re-exported file a row scored."""
-    payload = load_distilled(path)
+    payload = load_distilled(path) if payload is None else payload
     h = hashlib.sha256()
     for t in (payload["images"], payload["labels"]):
         h.update(t.contiguous().numpy().tobytes())
@@ -133,7 +135,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"no such file: {', '.join(missing)} (export a set with the ExportDistilled callback first)")
     if a.repeats < 1:
         p.error(f"--repeats must be at least 1, got {a.repeats}")
-    get_protocol(a.protocol)
+    try:
+        get_protocol(a.protocol)
+        check_length(a.steps, a.epochs)
+        check_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
+    # Every set is read and its recorded DataModule checked against the registry before any network trains: an
+    # unsafe or foreign file, or one naming a class that is not a registered DataModule, stops the run here.
+    payloads = {}
+    for path in a.sets:
+        try:
+            payloads[str(path)] = load_distilled(path)
+            if payloads[str(path)].get("datamodule", {}).get("class_path") is not None:
+                check_datamodule_record(payloads[str(path)]["datamodule"], str(path))
+        except (ExportError, ValueError) as e:
+            p.error(str(e))
     tune_cpu_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if all(old.get(k) == v for k, v in options.items()):
             res["rows"] = old["rows"]  # resume: the same options, so finished cells stand
             res["stamp"] = old.get("stamp", res["stamp"])  # until a row is added, the saved run is what it shows
-    digests = {str(path): set_digest(path) for path in a.sets}
+    digests = {str(path): set_digest(path, payloads[str(path)]) for path in a.sets}
     # A saved row stands only for the very set it scored: a path re-exported since (or a row that predates digests)
     # is evaluated again rather than reported under the new set's name.
     kept, stale = [], []

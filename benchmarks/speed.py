@@ -1,6 +1,8 @@
 """Milliseconds per outer step, peak memory and FLOP rate of every method, beside the machine's own matmul rate.
 
     python benchmarks/speed.py [--steps 5] [--ipcs 1 10 50] [--device cuda] [--methods FRePo RandomSubset]
+    python benchmarks/speed.py --precision fp32,policy --methods FRePo --ipcs 1 10 --inputs "28px grey" \
+        --profile official --profile-top 12 --name speed_precision
 
 Every method exported by ``lightning_distill.methods`` (the base class aside) is timed at each IPC on 28 px grey and
 32 px RGB inputs (10 classes, random pixels: speed does not depend on pixel values). One timed step is the work of
@@ -10,13 +12,24 @@ one ``training_step``: the synthetic set's forward, ``outer_loss``, backward, th
 over one extra step with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions, forward and
 backward; linear solves and elementwise work are not counted, so the fraction is a lower bound for kernel methods).
 
+``--precision fp32,policy`` times each configuration under float32 and under the precision policy (``auto``:
+bf16 autocast + channels-last network passes where the device has fast bf16, see ``lightning_distill.precision``)
+side by side: both methods are built, then their steps alternate (fp32, policy, fp32, ...) so that a noisy
+neighbour slows both alike, and the median ratio is reported. The run then also measures the bf16 matmul rate,
+alternating with the float32 one, and each row's FLOP rate is a fraction of the rate of the precision it resolved
+to. ``--profile-top N`` profiles one more step of each row with ``torch.profiler`` and keeps its N largest
+operators by self CPU time.
+
 Writes ``benchmarks/results/speed.{json,md}``, stamped with date, hardware, torch version and commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
+import inspect
 import json
 import re
 import resource
@@ -37,6 +50,7 @@ from stamp import stamp  # noqa: E402
 import lightning_distill.methods as methods_pkg  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.methods import DistillationMethod  # noqa: E402
+from lightning_distill.precision import PrecisionPolicy, bf16_probe  # noqa: E402
 from lightning_distill.runtime import ENV_VAR, tune_cpu_allocator  # noqa: E402
 from lightning_distill.synthetic import PixelSet  # noqa: E402
 
@@ -45,22 +59,29 @@ SHAPES: dict[str, tuple[int, int, int]] = {"28px grey": (1, 28, 28), "32px RGB":
 # official: the papers' settings; cpu: what the CPU recipes change; smoke: tiny, for tests of this script.
 PROFILES = ("official", "cpu", "smoke")
 
-# A constructor takes (ipc, profile) and returns the method (its synthetic set not yet built) and the real batch size.
-Constructor = Callable[[int, str], tuple[DistillationMethod, int]]
+#: ``--precision`` names: ``policy`` is what a method given ``precision="auto"`` runs (the policy's own choice).
+PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16", "auto": "auto", "policy": "auto"}
+
+# A constructor takes (ipc, profile, precision) and returns the method (its synthetic set not yet built) and the
+# real batch size.
+Constructor = Callable[[int, str, str], tuple[DistillationMethod, int]]
 
 
-def _frepo(ipc: int, profile: str) -> tuple[DistillationMethod, int]:
+def _frepo(ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int]:
     """FRePo as in recipes/frepo/ (official: convnet_frepo 128/256/512, real batch 1024; cpu: width 64, batch 256)."""
     from lightning_distill.methods import FRePo
 
     width = {"official": {}, "cpu": {"width": 64}, "smoke": {"width": 8}}[profile]
     pool = {"official": 10, "cpu": 10, "smoke": 2}[profile]
     batch = {"official": 1024, "cpu": 256, "smoke": 64}[profile]
-    return FRePo(synthetic=PixelSet(ipc=ipc, labels="learned"), arch_kwargs=width, pool_size=pool), batch
+    method = FRePo(
+        synthetic=PixelSet(ipc=ipc, labels="learned"), arch_kwargs=width, pool_size=pool, precision=precision
+    )
+    return method, batch
 
 
-def _random_subset(ipc: int, profile: str) -> tuple[DistillationMethod, int]:
-    """RandomSubset as in recipes/random/ (nothing learned: the step is the pipeline's fixed cost)."""
+def _random_subset(ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int]:
+    """RandomSubset as in recipes/random/ (nothing learned: the step is the pipeline's fixed cost; no network)."""
     from lightning_distill.methods import RandomSubset
 
     return RandomSubset(synthetic=PixelSet(ipc=ipc, labels="hard")), {"smoke": 64}.get(profile, 256)
@@ -80,13 +101,19 @@ def discover_methods() -> list[str]:
     return names
 
 
-def build(name: str, ipc: int, profile: str) -> tuple[DistillationMethod, int, str]:
-    """The method, its real batch size, and how it was built."""
+def takes_precision(name: str) -> bool:
+    """Whether the method's constructor accepts ``precision`` (a method without network passes need not)."""
+    return "precision" in inspect.signature(getattr(methods_pkg, name).__init__).parameters
+
+
+def build(name: str, ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int, str]:
+    """The method, its real batch size, and how it was built (``precision``: a mode of PrecisionPolicy)."""
     if name in CONSTRUCTORS:
-        method, batch = CONSTRUCTORS[name](ipc, profile)
+        method, batch = CONSTRUCTORS[name](ipc, profile, precision)
         return method, batch, "speed.py table"
     cls = getattr(methods_pkg, name)
-    return cls(synthetic=PixelSet(ipc=ipc)), 256, "defaults (no entry in speed.py's CONSTRUCTORS)"
+    kwargs = {"precision": precision} if takes_precision(name) else {}
+    return cls(synthetic=PixelSet(ipc=ipc), **kwargs), 256, "defaults (no entry in speed.py's CONSTRUCTORS)"
 
 
 def _sync(device: str) -> None:
@@ -94,26 +121,56 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_rate(device: str, n: int, min_seconds: float = 2.0) -> dict[str, Any]:
-    """Dense float32 ``n × n`` matmul rate of ``device`` in GFLOP/s (2 n³ FLOPs per product)."""
+def matmul_rates(device: str, n: int, dtypes: tuple[str, ...] = ("float32",), min_seconds: float = 2.0) -> list[dict]:
+    """Dense ``n × n`` matmul rates of ``device`` in GFLOP/s (2 n³ FLOPs per product), one dict per dtype.
+
+    Several dtypes are timed in alternation, a batch of products each in turn, so that both see the same load.
+    """
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device)
     b = torch.randn(n, n, generator=gen).to(device)
-    a @ b  # warm-up: library initialisation and kernel selection
+    pairs = {d: (a.to(getattr(torch, d)), b.to(getattr(torch, d))) for d in dtypes}
+    for x, y in pairs.values():
+        x @ y  # warm-up: library initialisation and kernel selection
     _sync(device)
-    reps, batch, start = 0, 1, time.perf_counter()
-    while True:
-        # Batches of products between synchronisations, doubling, so a fast GPU is not timed on launch latency.
-        for _ in range(batch):
-            a @ b
-        _sync(device)
-        reps += batch
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds and reps >= 3:
-            break
-        batch = min(2 * batch, 64)
+    reps, elapsed, batch = dict.fromkeys(dtypes, 0), dict.fromkeys(dtypes, 0.0), dict.fromkeys(dtypes, 1)
+    while not all(elapsed[d] >= min_seconds and reps[d] >= 3 for d in dtypes):
+        for d, (x, y) in pairs.items():
+            start = time.perf_counter()
+            # Batches of products between synchronisations, doubling, so a fast GPU is not timed on launch latency.
+            for _ in range(batch[d]):
+                x @ y
+            _sync(device)
+            elapsed[d] += time.perf_counter() - start
+            reps[d] += batch[d]
+            if elapsed[d] < min_seconds / 4:
+                batch[d] = min(2 * batch[d], 64)
     tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if device.startswith("cuda") else False
-    return {"size": n, "dtype": "float32", "tf32": tf32, "reps": reps, "gflops": 2 * n**3 * reps / elapsed / 1e9}
+    return [
+        {
+            "size": n,
+            "dtype": d,
+            "tf32": tf32 and d == "float32",
+            "reps": reps[d],
+            "gflops": 2 * n**3 * reps[d] / elapsed[d] / 1e9,
+        }
+        for d in dtypes
+    ]
+
+
+def matmul_rate(device: str, n: int, min_seconds: float = 2.0) -> dict[str, Any]:
+    """Dense float32 ``n × n`` matmul rate of ``device`` in GFLOP/s (2 n³ FLOPs per product)."""
+    return matmul_rates(device, n, ("float32",), min_seconds)[0]
+
+
+def _malloc_trim() -> None:
+    """Return the heap's free pages to the OS (glibc ``malloc_trim(0)``; nothing elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _proc_status_kb(key: str) -> int:
@@ -156,6 +213,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         elif "VmHWM" in self.how and self._reset_hwm():
+            # Freed memory the tuned allocator keeps would otherwise serve this configuration without any growth
+            # of the resident set (an earlier, larger one hid the later ones' peaks): hand it back first.
+            _malloc_trim()
+            self._reset_hwm()
             self.base = _proc_status_kb("VmRSS") * 1024
         else:
             self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
@@ -172,31 +233,46 @@ class PeakMemory:
         return max(peak - self.base, 0) / 2**20
 
 
-def measure(
-    name: str, shape: tuple[int, int, int], ipc: int, steps: int, device: str, profile: str, memory: PeakMemory
-) -> dict[str, Any]:
-    """Time ``steps`` outer steps (after one warm-up), read the peak memory, then count one step's FLOPs."""
-    memory.start()
-    method, batch, built = build(name, ipc, profile)
-    gen = torch.Generator().manual_seed(0)
-    n = max(batch, NUM_CLASSES * ipc)  # at least ipc images of every class to initialise the set from
-    x_real = torch.randn(n, *shape, generator=gen)
-    y_real = torch.arange(n) % NUM_CLASSES
-    method.synthetic.build(NUM_CLASSES, shape)
-    method.to(device)
-    method.synthetic.initialise(x_real, y_real, gen)
-    x_real, y_real = x_real[:batch].to(device), y_real[:batch].to(device)
-    # setup_method reads shapes from the set; a stand-in DataModule carries what a real one would offer.
-    method.setup_method(SimpleNamespace(num_classes=NUM_CLASSES, image_shape=shape, x_train=x_real, y_train=y_real))
-    groups = method.optimizer_groups()
-    opt = method.syn_optimizer(groups) if method.syn_optimizer is not None else method.default_optimizer(groups)
-    named = method.named_meta_parameters()
+class Configuration:
+    """One method built for one (input, IPC, precision), with the work of one ``training_step`` as :meth:`step`."""
 
-    def step() -> None:
-        # The work of DistillationMethod.training_step, without the Trainer around it.
+    def __init__(self, name: str, shape: tuple[int, int, int], ipc: int, device: str, profile: str, precision: str):
+        method, batch, built = build(name, ipc, profile, precision)
+        gen = torch.Generator().manual_seed(0)
+        n = max(batch, NUM_CLASSES * ipc)  # at least ipc images of every class to initialise the set from
+        x_real = torch.randn(n, *shape, generator=gen)
+        y_real = torch.arange(n) % NUM_CLASSES
+        method.synthetic.build(NUM_CLASSES, shape)
+        method.to(device)
+        method.synthetic.initialise(x_real, y_real, gen)
+        self.x_real, self.y_real = x_real[:batch].to(device), y_real[:batch].to(device)
+        # setup_method reads shapes from the set; a stand-in DataModule carries what a real one would offer.
+        method.setup_method(
+            SimpleNamespace(num_classes=NUM_CLASSES, image_shape=shape, x_train=self.x_real, y_train=self.y_real)
+        )
+        groups = method.optimizer_groups()
+        factory = method.syn_optimizer
+        self.opt = factory(groups) if factory is not None else method.default_optimizer(groups)
+        self.method, self.batch, self.built, self.device = method, batch, built, device
+        self.named = method.named_meta_parameters()
+        self.times: list[float] = []
+        self.row: dict[str, Any] = {
+            "method": name,
+            "input": next(k for k, v in SHAPES.items() if v == shape),
+            "ipc": ipc,
+            "real_batch": batch,
+            "built_with": built,
+            # A method without the argument runs its passes (if any) as it always has: float32.
+            "precision": precision if takes_precision(name) else "fp32",
+            "precision_resolved": method.network_precision.dtype,
+        }
+
+    def step(self) -> None:
+        """The work of DistillationMethod.training_step, without the Trainer around it."""
+        method, opt, named = self.method, self.opt, self.named
         opt.zero_grad(set_to_none=True)
         x_syn, y_syn = method.synthetic() if method.materialise_set else (None, None)
-        out = method.outer_loss(x_syn, y_syn, x_real, y_real)
+        out = method.outer_loss(x_syn, y_syn, self.x_real, self.y_real)
         if out is not None and out.loss is not None:
             out.loss.backward()
         elif out is not None:  # a method that hands back its gradients (MetaStep.grads)
@@ -205,65 +281,170 @@ def measure(
         if out is not None:
             method.before_meta_update({n: p for n, p in named.items() if p.grad is not None})
         opt.step()
-        method.after_outer_step(x_real, y_real)
+        method.after_outer_step(self.x_real, self.y_real)
 
-    times = []
-    for _ in range(steps + 1):  # the first step warms up allocators and kernels
-        _sync(device)
+    def timed_step(self) -> float:
+        """Milliseconds of one :meth:`step`, synchronised on both sides."""
+        _sync(self.device)
         t = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(1000 * (time.perf_counter() - t))
-    peak = memory.peak_mb()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    median = statistics.median(times[1:])
-    return {
-        "method": name,
-        "input": next(k for k, v in SHAPES.items() if v == shape),
-        "ipc": ipc,
-        "real_batch": batch,
-        "built_with": built,
-        "median_ms": median,
-        "all_ms": times[1:],
-        "peak_mb": peak,
-        "flops_per_step": flops,
-        "gflops": flops / (median / 1000) / 1e9,
-    }
+        self.step()
+        _sync(self.device)
+        return 1000 * (time.perf_counter() - t)
+
+    def flops(self) -> int:
+        """matmul/conv FLOPs of one step (forward and backward)."""
+        with FlopCounterMode(display=False) as counter:
+            self.step()
+        return counter.get_total_flops()
+
+    def profile(self, top: int) -> list[dict[str, Any]]:
+        """The ``top`` operators of one step by self CPU time (``torch.profiler``; device time where there is one)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            self.step()
+            _sync(self.device)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) or 1.0
+        ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        return [
+            {
+                "op": e.key,
+                "self_cpu_ms": e.self_cpu_time_total / 1000,
+                "share": e.self_cpu_time_total / total,
+                "calls": e.count,
+                "self_device_ms": getattr(e, "self_device_time_total", 0.0) / 1000,
+            }
+            for e in ranked
+        ]
+
+
+def measure_variants(
+    name: str,
+    shape: tuple[int, int, int],
+    ipc: int,
+    steps: int,
+    device: str,
+    profile: str,
+    memory: PeakMemory,
+    precisions: list[str],
+    profile_top: int = 0,
+) -> list[dict[str, Any]]:
+    """Time one configuration under each precision, the steps interleaved (A, B, A, B, ...); one row per precision.
+
+    Each variant is built and takes its warm-up step alone, so its peak memory (building and the warm-up step, the
+    step that allocates the most) is its own; then the timed steps alternate between the variants. A method without
+    a ``precision`` argument is timed once.
+    """
+    precisions = precisions if takes_precision(name) else precisions[:1]
+    configs = []
+    for prec in precisions:
+        memory.start()
+        cfg = Configuration(name, shape, ipc, device, profile, prec)
+        cfg.timed_step()  # the first step warms up allocators and kernels
+        if len(precisions) > 1:
+            cfg.row["peak_mb"] = memory.peak_mb()
+        configs.append(cfg)
+    for _ in range(steps):
+        for cfg in configs:
+            cfg.times.append(cfg.timed_step())
+    if len(precisions) == 1:  # alone, the peak covers the timed steps as well
+        configs[0].row["peak_mb"] = memory.peak_mb()
+    rows = []
+    for cfg in configs:
+        flops = cfg.flops()
+        median = statistics.median(cfg.times)
+        row = {**cfg.row, "median_ms": median, "all_ms": cfg.times, "flops_per_step": flops}
+        row["gflops"] = flops / (median / 1000) / 1e9
+        if profile_top:
+            row["profile"] = cfg.profile(profile_top)
+        rows.append(row)
+    base = rows[0]
+    for row, cfg in zip(rows[1:], configs[1:], strict=True):
+        # The ratio of paired steps (each pair ran back to back) is steadier than the ratio of two medians.
+        ratios = [a / b for a, b in zip(configs[0].times, cfg.times, strict=True)]
+        row["speedup_vs_first"] = statistics.median(ratios)
+        row["compared_with"] = base["precision"]
+    return rows
+
+
+def measure(
+    name: str, shape: tuple[int, int, int], ipc: int, steps: int, device: str, profile: str, memory: PeakMemory
+) -> dict[str, Any]:
+    """Time ``steps`` outer steps (after one warm-up), read the peak memory, then count one step's FLOPs."""
+    return measure_variants(name, shape, ipc, steps, device, profile, memory, ["fp32"])[0]
+
+
+def _rate_line(mm: dict[str, Any]) -> str:
+    tf32 = "on" if mm["tf32"] else "off"
+    return f"**{mm['gflops']:.1f} GFLOP/s** ({mm['dtype']} {mm['size']}×{mm['size']}, TF32 {tf32})"
 
 
 def markdown(res: dict[str, Any]) -> str:
-    """The speed table."""
+    """The speed table (with a precision comparison and profiles when the run has them)."""
     s, mm = res["stamp"], res["matmul"]
+    rates = res.get("matmul_rates", [mm])
+    compared = any("speedup_vs_first" in r for r in res["rows"])
     lines = [
         "## Milliseconds per outer step, peak memory and FLOP rate",
         "",
         f"{s['date']}, {s['hardware']}, device {res['device']}, torch {s['torch']}, commit {s['commit']}. "
         f"Profile `{res['profile']}`; median of {res['steps']} steps after one warm-up. Dense matmul rate of the "
-        f"same run: **{mm['gflops']:.1f} GFLOP/s** ({mm['dtype']} {mm['size']}×{mm['size']}, TF32 "
-        f"{'on' if mm['tf32'] else 'off'}). Peak memory: {res['memory']}. FLOPs: {res['flop_counting']}.",
+        f"same run: {', '.join(_rate_line(r) for r in rates)}. Peak memory: {res['memory']}. "
+        f"FLOPs: {res['flop_counting']}.",
+    ]
+    if res.get("note"):
+        lines += ["", f"Note: {res['note']}"]
+    if "precision_probe" in res:
+        lines += ["", f"Precision policy (`auto`): {res['precision_reason']}."]
+    if compared:
+        lines += [
+            "",
+            "Precisions compared in one run, their steps interleaved; *vs* is the median ratio of paired steps "
+            "(first precision's time over this one's). *Of matmul rate*: of the rate of the precision the row ran in.",
+        ]
+    lines += [
         "",
-        "| method | input | IPC | real batch | allocator | ms/step | peak memory (MiB) | GFLOP/step | GFLOP/s "
-        "| of matmul rate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | input | IPC | real batch | allocator | precision | ms/step |"
+        + (" vs |" if compared else "")
+        + " peak memory (MiB) | GFLOP/step | GFLOP/s | of matmul rate |",
+        "|---|---|---|---|---|---|---|" + ("---|" if compared else "") + "---|---|---|---|",
     ]
     before: dict[tuple, float] = {}
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['input']} | {r['ipc']} | – | – | {r['error']} | | | | |")
+            lines.append(f"| {r['method']} | {r['input']} | {r['ipc']} | – | – | – | {r['error']} |")
             continue
-        key = (r["method"], r["input"], r["ipc"])
+        key = (r["method"], r["input"], r["ipc"], r.get("precision"))
         alloc = r.get("allocator", "–")
         if alloc == "default":
             before[key] = r["median_ms"]
         elif alloc == "tuned" and key in before:  # the after of a before/after pair
             alloc += f" ({100 * (r['median_ms'] / before[key] - 1):+.0f} %)"
+        prec = r.get("precision", "fp32")
+        resolved = r.get("precision_resolved", "fp32")
+        prec = prec if prec == resolved else f"{prec} → {resolved}"
+        vs = ""
+        if compared:
+            vs = f" {r['speedup_vs_first']:.2f}x |" if "speedup_vs_first" in r else " – |"
         lines.append(
-            f"| {r['method']} | {r['input']} | {r['ipc']} | {r['real_batch']} | {alloc} | {r['median_ms']:.1f} "
-            f"| {r['peak_mb']:.0f} | {r['flops_per_step'] / 1e9:.2f} | {r['gflops']:.1f} "
+            f"| {r['method']} | {r['input']} | {r['ipc']} | {r['real_batch']} | {alloc} | {prec} "
+            f"| {r['median_ms']:.1f} |{vs} {r['peak_mb']:.0f} | {r['flops_per_step'] / 1e9:.2f} | {r['gflops']:.1f} "
             f"| {100 * r['matmul_fraction']:.1f} % |"
         )
+    for r in res["rows"]:
+        if r.get("profile"):
+            lines += [
+                "",
+                f"### One step under torch.profiler: {r['method']}, {r['input']}, IPC {r['ipc']}, "
+                f"{r.get('precision_resolved', 'fp32')}",
+                "",
+                "| operator | self CPU ms | share | calls |",
+                "|---|---|---|---|",
+            ]
+            for e in r["profile"]:
+                lines.append(f"| `{e['op']}` | {e['self_cpu_ms']:.1f} | {100 * e['share']:.1f} % | {e['calls']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -285,6 +466,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "under both in turn (the before/after of lightning_distill.runtime.tune_cpu_allocator); by default as the "
         "lightning-distill command runs: tuned where glibc allows, else the platform's allocator",
     )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="comma-separated precisions to compare, interleaved: fp32, bf16, auto, or policy (= auto, the "
+        "precision policy's own choice), e.g. fp32,policy; the first is the reference of the vs column",
+    )
+    p.add_argument("--inputs", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="input shapes to time")
+    p.add_argument("--profile-top", type=int, default=0, help="profile one more step per row: keep the top N ops")
+    p.add_argument("--note", default="", help="a remark recorded with the results (e.g. that the machine was shared)")
     p.add_argument("--name", default="speed", help="output stem: OUT/NAME.json and OUT/NAME.md")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
@@ -304,44 +494,68 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         p.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(known)}")
     profile = a.profile or ("official" if a.device.startswith("cuda") else "cpu")
+    names = [x.strip() for x in a.precision.split(",") if x.strip()]
+    bad = [x for x in names if x not in PRECISION_NAMES]
+    if bad or not names:
+        p.error(f"unknown precision {', '.join(bad) or '(none)'}; choose from {', '.join(PRECISION_NAMES)}")
+    precisions = [PRECISION_NAMES[x] for x in names]
 
-    mm = matmul_rate(a.device, a.matmul_size)
-    print(f"dense float32 matmul {a.matmul_size}²: {mm['gflops']:.1f} GFLOP/s", flush=True)
+    probe = bf16_probe(a.device) if "auto" in precisions else None
+    resolved = {PrecisionPolicy(x).resolve(a.device) for x in precisions}
+    dtypes = ("float32", "bfloat16") if "bf16" in resolved else ("float32",)
+    rates = matmul_rates(a.device, a.matmul_size, dtypes)
+    mm = rates[0]
+    rate_of = {"fp32": rates[0]["gflops"], "bf16": rates[-1]["gflops"]}
+    for r in rates:
+        print(f"dense {r['dtype']} matmul {a.matmul_size}²: {r['gflops']:.1f} GFLOP/s", flush=True)
+    if probe is not None:
+        print(f"precision policy: {probe.reason()}", flush=True)
     memory = PeakMemory(a.device)
     rows = []
     for name in chosen:
-        for shape in SHAPES.values():
+        for label in a.inputs:
+            shape = SHAPES[label]
             for ipc in a.ipcs:
                 for alloc in allocators:
                     if a.device == "cpu":
                         tune_cpu_allocator(alloc == "tuned")
                     try:
-                        r = measure(name, shape, ipc, a.steps, a.device, profile, memory)
+                        measured = measure_variants(
+                            name, shape, ipc, a.steps, a.device, profile, memory, precisions, a.profile_top
+                        )
                     except (RuntimeError, ValueError) as e:  # out of memory, a method that cannot run this shape
-                        label = next(k for k, v in SHAPES.items() if v == shape)
                         r = {"method": name, "input": label, "ipc": ipc, "error": f"{type(e).__name__}: {e}"[:200]}
                         print(f"{name:14s} {label:10s} IPC {ipc:3d}: {r['error']}", flush=True)
                         rows.append(r)
                         continue
-                    r["allocator"] = alloc if a.device == "cpu" else "cuda caching"
-                    r["matmul_fraction"] = r["gflops"] / mm["gflops"]
-                    rows.append(r)
-                    print(
-                        f"{name:14s} {r['input']:10s} IPC {ipc:3d} {r['allocator']:8s}: {r['median_ms']:9.1f} "
-                        f"ms/step, {r['peak_mb']:7.0f} MiB, {r['gflops']:8.2f} GFLOP/s "
-                        f"({100 * r['matmul_fraction']:.1f} %)",
-                        flush=True,
-                    )
+                    for r in measured:
+                        r["allocator"] = alloc if a.device == "cpu" else "cuda caching"
+                        r["matmul_fraction"] = r["gflops"] / rate_of[r["precision_resolved"]]
+                        rows.append(r)
+                        vs = f", {r['speedup_vs_first']:.2f}x" if "speedup_vs_first" in r else ""
+                        print(
+                            f"{name:14s} {r['input']:10s} IPC {ipc:3d} {r['allocator']:8s} "
+                            f"{r['precision_resolved']:4s}: {r['median_ms']:9.1f} ms/step{vs}, {r['peak_mb']:7.0f} "
+                            f"MiB, {r['gflops']:8.2f} GFLOP/s ({100 * r['matmul_fraction']:.1f} %)",
+                            flush=True,
+                        )
     res = {
         "stamp": stamp(),
         "device": a.device,
         "profile": profile,
         "steps": a.steps,
         "matmul": mm,
+        "matmul_rates": rates,
+        "precisions": precisions,
         "memory": memory.how,
         "flop_counting": "torch.utils.flop_counter.FlopCounterMode over one step (matmul/conv, forward and backward)",
         "rows": rows,
     }
+    if a.note:
+        res["note"] = a.note
+    if probe is not None:
+        res["precision_probe"] = probe.to_dict()
+        res["precision_reason"] = probe.reason()
     out = Path(a.out)
     with atomic_path(out / f"{a.name}.json") as tmp:
         tmp.write_text(json.dumps(res, indent=2))

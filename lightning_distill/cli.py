@@ -9,9 +9,14 @@ A job of its own becomes a subcommand with one call, and ``main`` stays as it is
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import inspect
+import itertools
 import json
+import logging
+import os
 import re
 import sys
 import warnings
@@ -152,11 +157,59 @@ def _lightning_classes() -> dict[str, type]:
                 logger.log_hyperparams(params)
 
     class DistillCLI(LightningCLI):
-        """LightningCLI with ``fit`` as its only subcommand: a distillation method has nothing to validate or test."""
+        """LightningCLI with ``fit`` as its only subcommand: a distillation method has nothing to validate or test.
+
+        ``fit`` keeps a run in one folder, ``trainer.default_root_dir`` (see :mod:`lightning_distill.resume`): its
+        checkpoints go to ``<folder>/checkpoints`` whatever the logger, ``--resume`` (or ``--ckpt_path last``)
+        continues from the last one with the same W&B run, and a start that would lose or mix work is refused in one
+        line: nothing to resume from, a resume with another recipe, a new run over another run's files (``--fresh``
+        moves them aside), a budget of no step or no end.
+        """
+
+        run_plan: Any = None
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             return {"fit": LightningCLI.subcommands()["fit"]}
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue the run in trainer.default_root_dir from its last checkpoint (same W&B run); stops "
+                "if there is none or the recipe is another one. Same as --ckpt_path last",
+            )
+            parser.add_argument(
+                "--fresh",
+                action="store_true",
+                help="start over in a folder holding another run (moves its files to previous/<date>/)",
+            )
+
+        def before_instantiate_classes(self) -> None:
+            # The W&B id has to be in the logger's arguments before it is built; the checks fail before anything is.
+            if self.subcommand == "fit":
+                from lightning_distill.resume import RunPlan
+
+                self.run_plan = RunPlan.from_config(self.config["fit"])
+
+        def after_instantiate_classes(self) -> None:
+            from lightning_distill.resume import place_checkpoints, use_atomic_checkpoints, use_step_progress_bar
+
+            # Also without the fit subcommand (cli_main(run=False)): the trainer a caller runs itself puts its
+            # checkpoints where a resume finds them, writes them atomically and counts steps in its bar.
+            place_checkpoints(self.trainer)
+            use_atomic_checkpoints(self.trainer)
+            use_step_progress_bar(self.trainer)
+            if self.run_plan is not None:
+                self.run_plan.forget_injected_id()  # the logger has it; config.yaml must not carry it to a new run
+
+        def before_fit(self) -> None:
+            if self.run_plan is not None:
+                ckpt_path = self.run_plan.prepare(self.trainer, self.datamodule)
+                # An explicit path here, not "last": Lightning's own lookup only warns when it finds nothing.
+                self.config_init["fit"]["ckpt_path"] = ckpt_path
+                # A new run over old checkpoints was refused above, so this warning would only ever fire on a resume.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     for cls in (LogConfigCallback, DistillCLI):
         cls.__qualname__ = cls.__name__
@@ -202,6 +255,7 @@ def fit_main(argv: Sequence[str]) -> LightningCLI:
     """``lightning-distill fit``: distil a set with LightningCLI."""
     # main hands on the process's own arguments, which LightningCLI would warn about as if they came twice.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    # A refused start (lightning_distill.resume.RunFolderError, a ValueError) is reported by main in one line.
     return cli_main(["fit", *argv])
 
 
@@ -246,7 +300,14 @@ def evaluate_parser(fn: Callable[..., Any] | None = None) -> Any:
         help=f"network(s) from the registry ({nets}); repeat or comma-separate; null: the protocol's network",
     )
     p.add_argument("--arch_kwargs", default=None, help="network options as a JSON object, e.g. '{\"width\": 64}'")
-    p.add_argument("--output", default=None, help="JSON file; null: <PATH stem>_eval_<protocol>.json beside PATH")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="JSON file; null: beside PATH, named after the options (<PATH stem>_eval_<protocol>_<archs>_r<repeats>"
+        "[_s<steps>|_e<epochs>][_seed<seed>][_<hash of other options>].json). An existing file is kept: the result "
+        "goes to <name>-2.json, -3, ... unless --overwrite",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the --output file (or default name) if it exists")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_function_arguments(fn, skip=set(EVALUATE_BY_HAND), as_group=False, fail_untyped=False)
     for action in p._actions:
@@ -346,13 +407,111 @@ def parse_evaluate_args(argv: Sequence[str], fn: Callable[..., Any] | None = Non
     if "arch_kwargs" in params:
         kwargs["arch_kwargs"] = arch_kwargs
     protocol = kwargs.get("protocol", "dc")
+    _check_before_training(protocol, archs, kwargs)
     return {
         "path": path,
         "archs": archs,
         "kwargs": kwargs,
         "output": cfg.output,
+        "overwrite": bool(cfg.overwrite),
         "protocol_name": get_protocol(protocol).name,
+        "default_output": default_output_name(path, archs, kwargs, fn),
     }
+
+
+def _check_before_training(protocol: Any, archs: list[str | None], kwargs: dict[str, Any]) -> None:
+    """Refuse, in one line and before the first network trains, what would make every number of the run wrong.
+
+    ``evaluate_distilled`` checks the same per call; checking here too means a second ``--arch`` cannot fail after
+    the first one has trained.
+    """
+    from lightning_distill.eval.distilled import check_arch_kwargs, check_device, check_length
+
+    try:
+        check_length(kwargs.get("steps"), kwargs.get("epochs"))
+        check_device(kwargs.get("device"))
+        check_arch_kwargs(protocol, archs, kwargs.get("arch_kwargs"))
+    except ValueError as e:
+        message = str(e)
+        for name in ("steps", "epochs"):  # name the command line's option, not the function's parameter
+            message = message.replace(f"{name} must be", f"--{name} must be", 1)
+        raise EvaluateError(message) from None
+
+
+#: Options that do not change what an evaluation measures, so they stay out of its default file name.
+_NAME_NEUTRAL = frozenset({"progress", "device", "root"})
+
+
+def default_output_name(path: str, archs: list[str | None], kwargs: dict[str, Any], fn: Callable[..., Any]) -> Path:
+    """The JSON file an evaluation writes when ``--output`` is not given: beside PATH, named after what it ran.
+
+    ``<stem>_eval_<protocol>_<arch>-<arch>_r<repeats>``, then ``_s<steps>`` / ``_e<epochs>`` when given, ``_seed<n>``
+    when not the default, and a short hash of any other option that differs from its default (network options, a
+    protocol given whole, a data path): two evaluations that differ get different names, so neither replaces the
+    other.
+    """
+    from lightning_distill.eval import Protocol, get_protocol
+
+    protocol = kwargs.get("protocol", "dc")
+    spec = get_protocol(protocol)
+    defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items()}
+    parts = [spec.name, "-".join(a or spec.arch for a in archs)]
+    if "repeats" in kwargs:
+        parts.append(f"r{kwargs['repeats']}")
+    for key, tag in (("steps", "s"), ("epochs", "e")):
+        if kwargs.get(key) is not None:
+            parts.append(f"{tag}{kwargs[key]}")
+    if "seed" in kwargs and kwargs["seed"] != defaults.get("seed"):
+        parts.append(f"seed{kwargs['seed']}")
+    named = {"protocol", "repeats", "steps", "epochs", "seed", *_NAME_NEUTRAL}
+    rest = {k: v for k, v in kwargs.items() if k not in named and v != defaults.get(k)}
+    if isinstance(protocol, Protocol):  # given whole: its fields, not only its name, say what ran
+        rest["protocol"] = protocol.to_dict()
+    if rest:
+        blob = json.dumps(rest, sort_keys=True, default=str)
+        parts.append(hashlib.sha1(blob.encode()).hexdigest()[:8])
+    stem = re.sub(r"[^\w.+-]+", "-", "_".join(parts))
+    source = Path(path)
+    return source.with_name(f"{source.stem}_eval_{stem}.json")
+
+
+def write_new_json(path: Path, obj: Any, overwrite: bool = False) -> Path:
+    """Write ``obj`` as JSON to ``path``, or to ``<stem>-2.json``, ``-3``, ... if it exists; return the file written.
+
+    An existing result is never replaced (unless ``overwrite``): the file is complete before it appears under its
+    name, and claiming the name cannot replace a file another evaluation wrote meanwhile (a hard link, which fails
+    if the name is taken).
+    """
+    if overwrite:
+        write_json(path, obj)
+        return path
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
+        for n in itertools.count(1):
+            target = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            if target.exists():
+                continue
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links: check, then rename
+                if target.exists():
+                    continue
+                os.replace(tmp, target)
+            return target
+        raise AssertionError("unreachable")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def evaluate_main(argv: Sequence[str]) -> list[dict[str, Any]]:
@@ -361,25 +520,18 @@ def evaluate_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     a = parse_evaluate_args(argv, fn)
     results = [fn(a["path"], arch=arch, **a["kwargs"]).to_dict() for arch in a["archs"]]
     print(format_table(results))
-    path = Path(a["path"])
-    out = Path(a["output"]) if a["output"] else path.with_name(f"{path.stem}_eval_{a['protocol_name']}.json")
+    out = Path(a["output"]) if a["output"] else a["default_output"]
     from lightning_distill.provenance import stamp
 
-    write_json(out, {"stamp": stamp(), "results": results})
-    print(f"wrote {out}")
+    written = write_new_json(out, {"stamp": stamp(), "results": results}, overwrite=a["overwrite"])
+    kept = f" ({out} exists and was kept; --overwrite replaces it)" if written != out else ""
+    print(f"wrote {written}{kept}")
     return results
 
 
 def _evaluate_command(argv: list[str]) -> list[dict[str, Any]]:
-    from lightning_distill.export import ExportError
-
-    try:
-        return evaluate_main(argv)
-    except EvaluateError as e:
-        print(f"lightning-distill evaluate: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (FileNotFoundError, ExportError) as e:
-        sys.exit(f"lightning-distill evaluate: error: {e}")
+    # Errors become one line in main, as for every command.
+    return evaluate_main(argv)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -417,12 +569,176 @@ register_command(
     _evaluate_command,
     example="lightning-distill evaluate PATH --protocol dc --arch convnet,lenet --repeats 5",
 )
+register_command(
+    "privacy",
+    "membership-inference AUC beside accuracy for an exported set and its real chunk; table, JSON, plot",
+    "lightning_distill.eval.privacy_command:privacy_command",
+    example="lightning-distill privacy PATH --steps 100,1000,4000 --arch-kwargs '{\"width\": 32}'",
+)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
+#: Set to 1 (or pass ``--debug``) to get the traceback of an error instead of its one line.
+DEBUG_ENV = "LIGHTNING_DISTILL_DEBUG"
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether a traceback is wanted (``--debug`` anywhere before ``--``, or ``$LIGHTNING_DISTILL_DEBUG``), and argv
+    without ``--debug``."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flagged = "--debug" in argv[:end]
+    rest = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return flagged or env, rest
+
+
+@contextlib.contextmanager
+def _parse_errors_raise() -> Any:
+    """Make LightningCLI's parser raise its error instead of printing its usage (dozens of lines) and exiting.
+
+    ``main`` then reports it in one line. LightningCLI is built inside ``cli_main``, so the switch is made on the
+    parser class for the duration of the command: exactly what ``exit_on_error=False`` does, raising jsonargparse's
+    own ``ArgumentError`` so that jsonargparse's internal retries see the type they expect.
+    """
+    from jsonargparse import ArgumentError
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    def error(self: Any, message: str, ex: Exception | None = None) -> None:
+        raise ArgumentError(None, message) from ex
+
+    own = LightningArgumentParser.__dict__.get("error")  # None: it inherits jsonargparse's
+    LightningArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del LightningArgumentParser.error
+        else:
+            LightningArgumentParser.error = own  # type: ignore[method-assign]
+
+
+class _DropLightningTip(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger, printed at the start of every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud" not in record.getMessage()
+
+
+def _quiet_fit_start() -> None:
+    """Silence the start-up messages of a ``fit`` that a user cannot act on (each matched by its own text)."""
+    # A distillation method learns a set, not a model to validate: it has no validation_step on purpose, and the
+    # DataModule's val split serves the evaluation callbacks.
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+    # Lightning's own use of a torch API torch now deprecates; nothing in a recipe changes it.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    tip = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningTip) for f in tip.filters):
+        tip.addFilter(_DropLightningTip())
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The errors that mean "the input is wrong" (reported in one line), not "the program is wrong" (a traceback)."""
+    types: list[type[BaseException]] = [EvaluateError, ValueError, FileNotFoundError, KeyError]
+    # Only modules already imported can have raised their errors; importing one here would cost seconds.
+    for module, name in (
+        ("jsonargparse", "ArgumentError"),
+        ("lightning_distill.methods.base", "NonFiniteMetaStep"),
+        ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),  # e.g. an accelerator not here
+        ("lightning_fabric.utilities.exceptions", "MisconfigurationException"),
+    ):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            types.append(cls)
+    return tuple(types)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line ``main`` prints for a user error: its message, with a parser's many lines reduced to the cause."""
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        message = e.args[0]  # str(KeyError) would quote it
+    else:
+        message = str(e)
+    if type(e).__name__ == "ArgumentError" or "Does not validate against any of the Union subtypes" in message:
+        return _config_error_line(message)
+    return " ".join(line.strip() for line in message.splitlines() if line.strip()) or type(e).__name__
+
+
+def _config_error_line(message: str) -> str:
+    """A jsonargparse config error in one line: the full key of a misspelt option, or the class it cannot find."""
+    line = _one_line(message)
+    option = re.findall(r"Option '([^']+)' is not accepted", message)
+    top_level = re.search(r"(?:does not accept option|unrecognized arguments:)\s*'?([^'\s]+)'?", message)
+    classes = re.findall(r"Problem with given class_path '([^']+)'", message)
+    if option:
+        key = _config_key(message, option[-1])
+        owner = ""
+        if classes:
+            accepted = _options_of(classes[-1])
+            owner = f" of {classes[-1]}" + (f" (it takes {', '.join(sorted(accepted))})" if accepted else "")
+        return f"{key}: no such option{owner}: check the spelling"
+    if top_level:
+        key = top_level.group(1).split("=")[0]  # --trainer.max_stepz=1 -> --trainer.max_stepz
+        return f"{key}: no such option: check the spelling (lightning-distill fit --help lists them)"
+    missing = re.search(r"has no attribute '([^']+)'|Expected a dot import path string: (\S+)", message)
+    top = re.match(r'\s*Parser key "([^"]+)"', message)
+    if missing and top:
+        name = classes[-1] if classes else (missing.group(2) or missing.group(1))
+        keys = re.findall(r'Parser key "([^"]+)"', message)
+        key = ".".join([keys[0], *(f"init_args.{k}" for k in keys[1:])])
+        known = [] if len(keys) > 1 else _known_classes(keys[0])  # a method's or DataModule's own class: listed
+        return f"{key}: no class {name} to import" + (f"; known: {', '.join(known)}" if known else "")
+    return line
+
+
+def _config_key(message: str, option: str) -> str:
+    """``model.init_args.synthetic.init_args.ipcc``: where a misspelt option sits, from jsonargparse's nested keys."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    given = re.search(r"NestedArg\(key='([^']+)'", message)  # a command-line option names its own full key
+    if keys and given:
+        inner = given.group(1)
+        return f"{keys[0]}.{inner if inner.split('.')[0] in ('class_path', 'init_args') else 'init_args.' + inner}"
+    return ".".join([keys[0], *(f"init_args.{k}" for k in keys[1:]), f"init_args.{option}"] if keys else [option])
+
+
+def _options_of(class_path: str) -> set[str] | None:
+    # Only a class the parser has already imported (it just read the recipe): a class path is never imported here.
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)
+    if not isinstance(cls, type):
+        return None
+    from lightning_distill.data import accepted_arguments
+
+    return accepted_arguments(cls)
+
+
+def _known_classes(key: str) -> list[str]:
+    # What a recipe's model/data may name, for the "unknown method / dataset" line.
+    if key == "model":
+        import lightning_distill.methods as methods
+
+        base = methods.DistillationMethod
+        found = [getattr(methods, n) for n in methods.__all__]
+        return [
+            f"{methods.__name__}.{c.__name__}"
+            for c in found
+            if isinstance(c, type) and issubclass(c, base) and c is not base
+        ]
+    if key == "data":
+        from lightning_distill.data import registered_datamodules
+
+        return sorted({f"lightning_distill.data.{c.__name__}" for c in registered_datamodules().values()})
+    return []
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Entry point of the ``lightning-distill`` console script: dispatch to a registered command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``lightning-distill`` console script: dispatch to a registered command.
+
+    A wrong input (a bad option, a missing file or data root, a refused export, a run stopped by non-finite steps)
+    is reported as ``lightning-distill <command>: error: <message>`` on one line, with exit code 2; ``--debug`` or
+    ``LIGHTNING_DISTILL_DEBUG=1`` shows the traceback instead.
+    """
+    from_console_script = argv is None
+    debug, argv = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         if not argv:
@@ -438,7 +754,20 @@ def main(argv: Sequence[str] | None = None) -> Any:
     from lightning_distill.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # large CPU activations stay mapped between steps (see lightning_distill/runtime.py)
-    return COMMANDS[name].resolve()(rest)
+    if name == "fit":
+        _quiet_fit_start()
+    one_line_parse = name == "fit" and not debug
+    try:
+        with _parse_errors_raise() if one_line_parse else contextlib.nullcontext():
+            result = COMMANDS[name].resolve()(rest)
+        # The console script hands main's return value to sys.exit, which prints an object and exits 1: a finished
+        # run exits 0 there; Python callers get the result (fit's LightningCLI, evaluate's rows).
+        return None if from_console_script else result
+    except Exception as e:
+        if debug or not isinstance(e, _user_error_types()):
+            raise
+        print(f"lightning-distill {name}: error: {error_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

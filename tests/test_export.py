@@ -85,3 +85,19 @@ def test_distilled_datamodule_from_synthetic_is_a_snapshot():
     batches = list(dm.train_dataloader())
     assert [len(b[0]) for b in batches] == [4, 2]
     assert not dm.images.requires_grad
+
+
+def test_labels_must_fit_the_classes(tmp_path):
+    for change, message in [
+        (lambda p: p["labels"].__setitem__(0, -1), r"hard labels must be class ids in \[0, 3\)"),
+        (lambda p: p.update(labels=torch.zeros(6, 4)), r"float labels must be \(N, num_classes\) = \(N, 3\)"),
+        (lambda p: p.update(num_classes=0), "num_classes must be a positive integer"),
+        (lambda p: p.update(datamodule="subprocess.run"), "datamodule must be a mapping"),
+    ]:
+        p = _payload()
+        change(p)
+        with pytest.raises(ExportError, match=message):
+            save_distilled(p, tmp_path / "x.pt")
+        torch.save(p, tmp_path / "raw.pt")  # written around the check: refused when read
+        with pytest.raises(ExportError, match=message):
+            load_distilled(tmp_path / "raw.pt")

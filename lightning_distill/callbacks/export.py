@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lightning_distill.export import save_distilled
+from lightning_distill.io import remove_orphaned_temporaries
 from lightning_distill.viz import save_grid_png, set_picture
 
 #: What the artifact's metadata records of the export.
@@ -43,6 +44,14 @@ class ExportDistilled(L.Callback):
 
     def resolve_path(self, trainer: L.Trainer) -> Path:
         return Path(self.path) if self.path else Path(trainer.default_root_dir) / "distilled.pt"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # An export killed mid-write (SIGKILL, OOM) left its temporary file beside the destination: remove it now
+        # (only those of this export's files, and only when their writer no longer runs).
+        if stage == "fit" and trainer.is_global_zero:
+            path = self.resolve_path(trainer)
+            for p in remove_orphaned_temporaries(path.parent, [path.name, path.with_suffix(".png").name]):
+                rank_zero_info(f"removed {p}, left by an export that was killed")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

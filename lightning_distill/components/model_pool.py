@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from lightning_distill.functional.losses import half_mse
 from lightning_distill.nets.seeded import seeded_net
+from lightning_distill.precision import FP32, NetworkPrecision
 
 __all__ = ["ModelPool", "OptimizerFactory"]
 
@@ -147,6 +148,10 @@ class ModelPool:
             drawn per visit from the generator passed to :meth:`train_step`.
         park_device: Where the members are stored between uses (e.g. ``"cpu"``); ``None`` stores them on the
             compute device.
+        precision: How network passes run (:class:`~lightning_distill.precision.NetworkPrecision`, resolved for
+            the compute device): under bf16 :meth:`forward`, :meth:`features` and :meth:`train_step` run in bf16
+            autocast on channels-last inputs, while parameters, gradients, optimiser state and the online loss stay
+            float32 and outputs are returned in float32. ``None`` is float32 (the passes as without a policy).
     """
 
     def __init__(
@@ -164,6 +169,7 @@ class ModelPool:
         loss_fn: Callable[[Tensor, Tensor], Tensor] = half_mse,
         steps_per_visit: int | tuple[int, int] = 1,
         park_device: torch.device | str | None = None,
+        precision: NetworkPrecision | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
@@ -180,6 +186,7 @@ class ModelPool:
         self.optimizer_factory: OptimizerFactory = optimizer_factory or self._default_optimizer
         self.loss_fn = loss_fn
         self.steps_per_visit = _steps_range(steps_per_visit)
+        self.precision = precision or FP32
         self._device = _canonical_device(device)
         self._park_device = None if park_device is None else _canonical_device(park_device)
         # The template only supplies the forward code; its own tensors are never used, so it sits on the meta
@@ -314,7 +321,14 @@ class ModelPool:
         tensors = {**(stored if params is None else params), **buffers}
         self._template.train(train)
         kwargs = {"features_only": True} if features_only else {}
-        return functional_call(self._template, tensors, (x,), kwargs)
+        return self._apply(tensors, x, kwargs)
+
+    def _apply(self, tensors: dict[str, Tensor], x: Tensor, kwargs: dict[str, Any] | None = None) -> Tensor:
+        """One pass of the template under the pool's precision; float32 out (the identity pass under fp32)."""
+        policy = self.precision
+        with policy.autocast():
+            out = functional_call(self._template, tensors, (policy.input(x),), kwargs or {})
+        return policy.output(out)
 
     def features(self, idx: int, x: Tensor, train: bool = False) -> Tensor:
         """Flattened features of member ``idx`` (FRePo's φ_θ); BN uses running statistics unless ``train``.
@@ -349,8 +363,9 @@ class ModelPool:
                 p.requires_grad_(True)
             try:
                 self._template.train(True)
-                # Buffers are passed as the stored tensors, so BN updates the running statistics in place.
-                out = functional_call(self._template, {**member.params, **member.buffers}, (x,))
+                # Buffers are passed as the stored tensors, so BN updates the running statistics in place. Under
+                # bf16 the logits come back in float32, so the loss and its reverse pass start in float32.
+                out = self._apply({**member.params, **member.buffers}, x)
                 target = y_target.to(out.dtype) if y_target.is_floating_point() else y_target
                 loss = self.loss_fn(out, target)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)

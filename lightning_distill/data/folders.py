@@ -275,6 +275,13 @@ class ImageFolderDataModule(RealDataModule):
         for label, cls in enumerate(classes):
             class_dir = folder / cls
             found = sorted(p for p in class_dir.rglob("*") if p.is_file() and _is_image(p))
+            # An empty class folder would silently train (or test) a class on nothing; a test/ folder may leave a
+            # class out altogether, but a folder that is there and empty is a mistake either way.
+            if not found and class_dir.is_dir():
+                raise DatasetNotFoundError(
+                    f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}): add the class's "
+                    f"images there, or remove the folder (every sub-folder of {folder.parent / 'train'} is a class)"
+                )
             files += found
             labels += [label] * len(found)
         if split == "train" and not files:

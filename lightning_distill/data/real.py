@@ -21,6 +21,7 @@ from lightning_distill.data.cache import (
 )
 from lightning_distill.data.constants import DATASET_STATS
 from lightning_distill.data.convert import channel_stats, to_labels, to_nchw_uint8
+from lightning_distill.data.members import chunk_indices, complement
 from lightning_distill.data.preprocess import (
     ZCA_CONVENTIONS,
     Preprocessing,
@@ -64,6 +65,13 @@ class RealDataModule(L.LightningDataModule):
             ``balanced`` (``batch_size // num_classes`` images of every class per batch, each class walking its own
             permutation). Methods that need per-class or class-subset batches build a
             :class:`~lightning_distill.data.stream.ClassSubsetStream` on ``x_train``/``y_train`` themselves.
+        member_chunk: Train on one chunk of the training split only (FRePo's membership-inference setting): chunk
+            ``member_chunk`` (0-based) of ``member_chunk_size`` images becomes ``x_train``, and the validation split
+            is held out of the other training images. ``member_indices`` then holds the chunk's indices into the raw
+            training split (:meth:`load_split`), which exports record. None: the whole training split.
+        member_chunk_size: Images per member chunk.
+        member_seed: None cuts the chunks from the training split in its stored order (FRePo's ``chunk_idx``); an
+            integer cuts them from a permutation drawn with that seed.
     """
 
     name: str = "real"
@@ -86,6 +94,9 @@ class RealDataModule(L.LightningDataModule):
         device: str | None = None,
         eval_batch_size: int | None = None,
         sampler: Literal["uniform", "balanced"] = "uniform",
+        member_chunk: int | None = None,
+        member_chunk_size: int = 2000,
+        member_seed: int | None = None,
     ) -> None:
         super().__init__()
         if sampler not in ("uniform", "balanced"):
@@ -105,6 +116,13 @@ class RealDataModule(L.LightningDataModule):
         self.device = device
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
         self.sampler = sampler
+        if member_chunk is not None and (member_chunk < 0 or member_chunk_size < 1):
+            raise ValueError(
+                f"need member_chunk >= 0 and member_chunk_size >= 1, got {member_chunk} and {member_chunk_size}"
+            )
+        self.member_chunk = None if member_chunk is None else int(member_chunk)
+        self.member_chunk_size = int(member_chunk_size)
+        self.member_seed = None if member_seed is None else int(member_seed)
         self._raw: dict[str, tuple[Tensor, Tensor]] = {}
         self.preprocessing: Preprocessing | None = None
         self.x_train: Tensor | None = None
@@ -115,6 +133,8 @@ class RealDataModule(L.LightningDataModule):
         self.y_test: Tensor | None = None
         self.train_indices: Tensor | None = None
         self.val_indices: Tensor | None = None
+        #: With ``member_chunk``: the members' indices into the raw training split (``train_indices``); else None.
+        self.member_indices: Tensor | None = None
         # In-memory arrays are data, not hyperparameters: keep them out of checkpoints.
         self.save_hyperparameters(ignore=["x_train", "y_train", "x_test", "y_test"])
 
@@ -152,8 +172,9 @@ class RealDataModule(L.LightningDataModule):
                 root.mkdir(parents=True, exist_ok=True)
             else:
                 raise DatasetNotFoundError(
-                    f"data root {root} does not exist: set root (or LIGHTNING_DISTILL_DATA) to the folder that holds "
-                    f"{self.name}, or pass download=True with internet access to fetch it there"
+                    f"data root {root} does not exist: set root (a recipe's data.init_args.root, evaluate's --root) or "
+                    f"LIGHTNING_DISTILL_DATA to the folder that holds {self.name}, or pass download=True with internet "
+                    "access to fetch it there"
                 )
         return root
 
@@ -162,7 +183,8 @@ class RealDataModule(L.LightningDataModule):
         expected_path = root / (expected or self.expected_path)
         return DatasetNotFoundError(
             f"{self.name} not found under {root} (expected {expected_path}): pass download=True with internet access, "
-            f"or set root / LIGHTNING_DISTILL_DATA to a folder that holds it"
+            "or set root (a recipe's data.init_args.root, evaluate's --root) or LIGHTNING_DISTILL_DATA to a folder "
+            "that holds it"
         )
 
     def _load_raw(self, split: str) -> tuple[Tensor, Tensor]:
@@ -215,7 +237,8 @@ class RealDataModule(L.LightningDataModule):
 
     def _zca_cache_file(self, x_raw: Tensor, base: Preprocessing, n_val: int) -> Path:
         # The content hash keeps user datasets that share a name (ImageFolder, arrays) from sharing a cache entry.
-        key = digest(self.name, self.zca, self.zca_reg, base.mean, base.std, self.seed, n_val, x_raw)
+        members = () if self.member_chunk is None else (self.member_chunk, self.member_chunk_size, self.member_seed)
+        key = digest(self.name, self.zca, self.zca_reg, base.mean, base.std, self.seed, n_val, x_raw, *members)
         return cache_subdir("zca") / f"{self.name}_{self.zca}_reg{self.zca_reg:g}_seed{self.seed}_val{n_val}_{key}.pt"
 
     def _load_cached_zca(self, path: Path, d: int) -> ZCAFit | None:
@@ -238,6 +261,23 @@ class RealDataModule(L.LightningDataModule):
             return fit_zca_trace(x, reg=self.zca_reg)
         return fit_zca_kornia(x, eps=self.zca_reg)
 
+    def _split_indices(self, n: int, n_val: int) -> tuple[Tensor, Tensor]:
+        """``(train, val)`` indices into the raw training split of ``n`` images, each sorted."""
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.member_chunk is None:
+            perm = torch.randperm(n, generator=gen)
+            # Sorted so both parts keep the dataset's order; only membership is random.
+            return perm[n_val:].sort().values, perm[:n_val].sort().values
+        members = chunk_indices(n, self.member_chunk, self.member_chunk_size, self.member_seed)
+        rest = complement(members, n)
+        if n_val > len(rest):
+            raise ValueError(
+                f"val_size={self.val_size!r} asks for {n_val} validation images, but only {len(rest)} training images "
+                f"lie outside member chunk {self.member_chunk}: pass a smaller val_size"
+            )
+        # Validation comes from the non-members, so no validation score counts an image the set was built from.
+        return members, rest[torch.randperm(len(rest), generator=gen)[:n_val]].sort().values
+
     def setup(self, stage: str | None = None) -> None:
         """Read the data, split off validation, fit (or load) the preprocessing, build the model-input tensors.
 
@@ -249,10 +289,8 @@ class RealDataModule(L.LightningDataModule):
             return
         x_raw, y_raw = self.load_split("train")
         n_val = self.val_count(len(x_raw))
-        perm = torch.randperm(len(x_raw), generator=torch.Generator().manual_seed(self.seed))
-        # Sorted so both parts keep the dataset's order; only membership is random.
-        self.val_indices = perm[:n_val].sort().values
-        self.train_indices = perm[n_val:].sort().values
+        self.train_indices, self.val_indices = self._split_indices(len(x_raw), n_val)
+        self.member_indices = self.train_indices if self.member_chunk is not None else None
         x_train_raw = x_raw[self.train_indices]
         shape = tuple(x_train_raw.shape[1:])
         if self.normalize:

@@ -1,6 +1,7 @@
 """Evaluation of distilled sets: plain functions under registered, recorded protocols."""
 
 from lightning_distill.eval.distilled import evaluate_distilled, test_split_for
+from lightning_distill.eval.privacy import PrivacyResult, evaluate_privacy, privacy_sweep, run_attacks
 from lightning_distill.eval.protocols import (
     NO_FLIP_DATASETS,
     PROTOCOLS,
@@ -25,22 +26,26 @@ from lightning_distill.eval.train import EvalResult, test_accuracy, train_networ
 __all__ = [
     "NO_FLIP_DATASETS",
     "PROTOCOLS",
+    "PrivacyResult",
     "EvalResult",
     "Loss",
     "Protocol",
     "evaluate_distilled",
+    "evaluate_privacy",
     "get_protocol",
     "make_augment",
     "make_loss",
     "make_optimizer",
     "make_schedule",
     "prepare_labels",
+    "privacy_sweep",
     "register_augment",
     "register_labels",
     "register_loss",
     "register_optimizer",
     "register_protocol",
     "register_schedule",
+    "run_attacks",
     "test_split_for",
     "test_accuracy",
     "train_network",

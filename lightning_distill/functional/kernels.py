@@ -67,7 +67,8 @@ def no_tf32() -> Iterator[None]:
 def gram(a: Tensor, b: Tensor) -> Tensor:
     """Linear kernel between two batches: ``a_flat @ b_flat.T``.
 
-    Runs in whatever matmul precision is active; wrap in :func:`no_tf32` when the result feeds a linear solve.
+    Runs in whatever matmul precision is active, autocast included; wrap in :func:`no_tf32` and a disabled
+    ``torch.autocast`` region (as :func:`krr_predict` does) when the result feeds a linear solve.
 
     Args:
         a: Features ``(N, ...)``, flattened from dim 1.
@@ -155,9 +156,11 @@ def krr_predict(
     ``λ = ridge · tr(K_ss) / M`` as in FRePo, otherwise ``λ = ridge``.
 
     The Gram matrices and the solve run in float32 (float64 if any input is float64) with TF32 and autocast
-    disabled. If the Cholesky factorisation reports failure or the prediction is not finite, the whole solve is
-    redone in float64 from the features and cast back; if even that is singular (e.g. ``ridge=0`` with duplicated
-    support points) a small jitter relative to ``tr(K_ss)/M`` is added, growing from 1e-12 up to 1e-6.
+    disabled, whatever precision policy produced the features (bf16 features are cast up first; see
+    :mod:`lightning_distill.precision`). If the Cholesky factorisation reports failure or the prediction is not
+    finite, the whole solve is redone in float64 from the features and cast back; if even that is singular (e.g.
+    ``ridge=0`` with duplicated support points) a small jitter relative to ``tr(K_ss)/M`` is added, growing from
+    1e-12 up to 1e-6.
     The result is differentiable w.r.t. ``feat_s``, ``y_s`` and ``feat_t`` by ordinary autograd (also through the
     relative ridge).
 

@@ -18,6 +18,7 @@ from lightning_distill.functional.losses import centred_one_hot, half_mse, label
 from lightning_distill.methods.base import DistillationMethod, MetaStep
 from lightning_distill.nets import get_net
 from lightning_distill.optim import LAMB, CosineDecay
+from lightning_distill.precision import PrecisionMode
 from lightning_distill.synthetic.base import SyntheticSet
 
 
@@ -50,6 +51,9 @@ class FRePo(DistillationMethod):
             ``{"labels": {"lr": 1e-3}}``.
         max_consecutive_skips: stop after this many non-finite outer steps in a row (0: never).
         seed: seeds initialisation, the pool and the pool-model choice.
+        precision: precision of the pool's network passes (real and synthetic features, online steps): ``fp32``,
+            ``bf16`` or ``auto`` (see :class:`~lightning_distill.methods.base.DistillationMethod`); the kernel
+            regression is solved in float32 (float64 on fallback) whatever it says.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class FRePo(DistillationMethod):
         group_options: dict[str, dict[str, Any]] | None = None,
         max_consecutive_skips: int = 20,
         seed: int = 0,
+        precision: PrecisionMode = "fp32",
     ) -> None:
         super().__init__(
             synthetic=synthetic,
@@ -76,6 +81,7 @@ class FRePo(DistillationMethod):
             group_options=group_options,
             max_consecutive_skips=max_consecutive_skips,
             seed=seed,
+            precision=precision,
         )
         if pool_size < 1 or max_online_steps < 1 or online_batch < 1:
             raise ValueError("pool_size, max_online_steps and online_batch must be positive")
@@ -98,7 +104,12 @@ class FRePo(DistillationMethod):
             return get_net(self.arch, c, k, h, **self.arch_kwargs)
 
         self.pool = ModelPool(
-            factory, size=self.pool_size, max_online_steps=self.max_online_steps, lr=self.online_lr, seed=self.seed
+            factory,
+            size=self.pool_size,
+            max_online_steps=self.max_online_steps,
+            lr=self.online_lr,
+            seed=self.seed,
+            precision=self.network_precision,
         ).to(self.device)
         self.pool_index = self.pool.select(self.generator)
 
@@ -173,6 +184,7 @@ class FRePo(DistillationMethod):
             self._restore_pool()
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if getattr(self, "_pending_pool_state", None) is not None:
             self._restore_pool()
 
@@ -180,5 +192,6 @@ class FRePo(DistillationMethod):
         state = self._pending_pool_state
         self.pool.load_state_dict(state["pool"])
         self.pool.to(self.device)
+        self.pool.precision = self.network_precision  # resolved for the device the pool now computes on
         self.pool_index, self.solver_fallbacks = state["pool_index"], state["fallbacks"]
         self._pending_pool_state = None
