@@ -286,10 +286,15 @@ def collect(out: Path) -> tuple[list[Row], dict[str, Any] | None, list[str]]:
             continue
         if not isinstance(obj, dict):
             ignored.append(path.name)
+        elif "privacy" in path.name:
+            continue  # membership-inference results (benchmarks/privacy.py) carry their own table and picture
         elif "recipe" in obj and "distilled" in obj:
             rows += cell_rows(obj, path)
         elif isinstance(obj.get("results"), list) and "stamp" in obj:
-            rows += eval_rows(obj, path)
+            try:
+                rows += eval_rows(obj, path)
+            except ValueError:  # an evaluation under a protocol this process has not registered
+                ignored.append(path.name)
         elif path.name == "speed.json":
             speed = obj
         elif "rows" not in obj:  # frepo_speed.json and the like have tables of their own

@@ -232,10 +232,14 @@ def test_privacy_command_end_to_end(data_root, tmp_path, capsys):
     assert all(set(p["auc"]) == set(ATTACKS) and 0 <= p["best_auc"] <= 1 for p in points)
     assert written["results"][0]["extra"]["method"] == "RandomSubset"
     assert (out / "distilled_privacy.png").stat().st_size > 1000
+    # A second run keeps the first result: it goes to distilled_privacy-2.json (and -2.png) unless --overwrite.
+    quick = ["--steps", "0", "--no-baseline", "--attacks", "threshold", "--no-progress"]
+    main(["privacy", str(path), *quick])
+    assert (out / "distilled_privacy-2.json").is_file() and (out / "distilled_privacy-2.png").is_file()
+    assert len(json.loads((out / "distilled_privacy.json").read_text())["results"]) == 2
 
     # Held-out training images as the non-members; step 0 scores the untrained network (no training at all).
-    quick = ["--steps", "0", "--no-baseline", "--attacks", "threshold", "--nonmembers", "train", "--no-progress"]
-    (r,) = main(["privacy", str(path), *quick, "--output", str(tmp_path / "train.json")])
+    (r,) = main(["privacy", str(path), *quick, "--nonmembers", "train", "--output", str(tmp_path / "train.json")])
     assert r.extra["nonmembers"] == "1000 training images outside the members" and r.points[0].steps == 0
     for bad, message in ((["--steps", "-1"], ">= 0"), (["--attacks", "nope"], "unknown nope"),
                          (["--protocol", "nope"], "unknown evaluation protocol")):  # fmt: skip
@@ -244,5 +248,6 @@ def test_privacy_command_end_to_end(data_root, tmp_path, capsys):
         assert err.value.code == 2 and message in capsys.readouterr().err
     del payload["member_indices"], payload["datamodule"]["init_args"]["member_chunk"]
     save_distilled(payload, tmp_path / "no_members.pt")
-    with pytest.raises(SystemExit, match="records no member images"):
+    with pytest.raises(SystemExit) as err:
         main(["privacy", str(tmp_path / "no_members.pt"), "--steps", "1"])
+    assert err.value.code == 2 and "records no member images" in capsys.readouterr().err

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_distill.eval.privacy import ATTACKS, FREPO_STEPS, PrivacyError, PrivacyResult
+from lightning_distill.eval.privacy import ATTACKS, FREPO_STEPS, PrivacyResult
 
 #: How the sets are drawn in the figure: the distilled set, and the real chunk it came from.
 _STYLE = {"distilled": ("tab:blue", "o"), "real": ("tab:red", "s")}
@@ -55,7 +54,13 @@ def privacy_parser() -> argparse.ArgumentParser:
     opt("device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     opt("root", default=None, help="data root (default: the one recorded in the export)")
     opt("data-path", default=None, help="array/ImageFolder data file or folder (default: the recorded one)")
-    opt("output", default=None, help="JSON file (default: <PATH stem>_privacy.json beside PATH); the PNG goes beside")
+    opt(
+        "output",
+        default=None,
+        help="JSON file (default: <PATH stem>_privacy.json beside PATH), the PNG beside it under the same name; an "
+        "existing file is kept: the result goes to <name>-2.json, -3, ... unless --overwrite",
+    )
+    opt("overwrite", action="store_true", help="replace the --output file (or default name) if it exists")
     opt("no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -126,7 +131,7 @@ def parse_privacy_args(argv: Sequence[str]) -> dict[str, Any]:
     }
     path = Path(a.path)
     output = Path(a.output) if a.output else path.with_name(f"{path.stem}_privacy.json")
-    return {"path": path, "output": output, "kwargs": kwargs}
+    return {"path": path, "output": output, "overwrite": a.overwrite, "kwargs": kwargs}
 
 
 def format_privacy_table(results: Sequence[PrivacyResult]) -> str:
@@ -172,6 +177,7 @@ def privacy_figure(results: Sequence[PrivacyResult], title: str = "") -> Any:
         positive = [s for s in steps if s > 0]
         if steps and steps[0] == 0:
             ax.set_xscale("symlog", linthresh=positive[0] if positive else 1)
+            ax.set_xlim(left=0)  # symlog would otherwise show an empty negative decade
         else:
             ax.set_xscale("log")
         ax.set_xlabel("training steps")
@@ -215,27 +221,20 @@ def privacy_main(argv: Sequence[str]) -> list[PrivacyResult]:
 
 def run_privacy(args: dict[str, Any]) -> list[PrivacyResult]:
     """Evaluate, print the table, write the JSON and the figure beside it, for parsed :func:`parse_privacy_args`."""
-    from lightning_distill.cli import write_json
+    from lightning_distill.cli import write_new_json
     from lightning_distill.eval.privacy import evaluate_privacy
 
     results = evaluate_privacy(args["path"], **args["kwargs"])
     print(format_privacy_table(results))
-    write_json(args["output"], privacy_record(results))
-    png = save_figure(privacy_figure(results, figure_title(results)), args["output"].with_suffix(".png"))
-    print(f"wrote {args['output']} and {png}")
+    out = args["output"]
+    # Like every evaluation, an existing result is kept (the new one goes to <name>-2.json) unless --overwrite.
+    written = write_new_json(out, privacy_record(results), overwrite=args["overwrite"])
+    png = save_figure(privacy_figure(results, figure_title(results)), written.with_suffix(".png"))
+    kept = f" ({out} exists and was kept; --overwrite replaces it)" if written != out else ""
+    print(f"wrote {written} and {png}{kept}")
     return results
 
 
 def privacy_command(argv: list[str]) -> list[PrivacyResult]:
-    """The registered command: errors in one line (exit 2 for a bad command line)."""
-    from lightning_distill.export import ExportError
-
-    try:
-        args = parse_privacy_args(argv)
-    except ValueError as e:
-        print(f"lightning-distill privacy: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        return run_privacy(args)
-    except (FileNotFoundError, ExportError, PrivacyError) as e:
-        sys.exit(f"lightning-distill privacy: error: {e}")
+    """The registered command; a wrong input is reported by ``lightning-distill`` itself, in one line (exit 2)."""
+    return privacy_main(argv)
