@@ -90,8 +90,10 @@ def test_datamodule_serves_a_member_chunk(data_root):
     seeded = MNISTDataModule(root=str(data_root), member_chunk=0, member_chunk_size=300, member_seed=3)
     seeded.setup()
     assert torch.equal(seeded.member_indices, chunk_indices(len(x_raw), 0, 300, seed=3))
-    with pytest.raises(ValueError, match="chunk 20 of 300"):
-        MNISTDataModule(root=str(data_root), member_chunk=20, member_chunk_size=300).setup()
+    # A chunk past the end of the training split (the fixture's 3000 images or the full 60000).
+    too_far = len(MNISTDataModule(root=str(data_root)).load_split("train")[1]) // 300 + 1
+    with pytest.raises(ValueError, match=f"chunk {too_far} of 300"):
+        MNISTDataModule(root=str(data_root), member_chunk=too_far, member_chunk_size=300).setup()
     with pytest.raises(ValueError, match="member_chunk"):
         MNISTDataModule(root=str(data_root), member_chunk=-1)
 
@@ -240,7 +242,8 @@ def test_privacy_command_end_to_end(data_root, tmp_path, capsys):
 
     # Held-out training images as the non-members; step 0 scores the untrained network (no training at all).
     (r,) = main(["privacy", str(path), *quick, "--nonmembers", "train", "--output", str(tmp_path / "train.json")])
-    assert r.extra["nonmembers"] == "1000 training images outside the members" and r.points[0].steps == 0
+    n_test = len(MNISTDataModule(root=str(data_root)).load_split("test")[1])  # as many as the test split holds
+    assert r.extra["nonmembers"] == f"{n_test} training images outside the members" and r.points[0].steps == 0
     for bad, message in ((["--steps", "-1"], ">= 0"), (["--attacks", "nope"], "unknown nope"),
                          (["--protocol", "nope"], "unknown evaluation protocol")):  # fmt: skip
         with pytest.raises(SystemExit) as err:
