@@ -19,10 +19,10 @@ from lightning_distill.export import load_distilled
 _NET_SHAPE_ARGS = frozenset({"in_channels", "num_classes", "image_size"})
 
 
-def test_split_for(
+def datamodule_for(
     payload: dict[str, Any], root: str | None = None, path: str | None = None, where: str | None = None
-) -> tuple[Tensor, Tensor]:
-    """The real test split of the export's dataset, in the export's model-input space.
+) -> Any:
+    """The export's DataModule rebuilt from its record, not set up (its raw splits are read with ``load_split``).
 
     Only a registered DataModule (:func:`lightning_distill.data.register_datamodule`) is rebuilt, with plain-valued
     arguments its ``__init__`` accepts; the file's class path is compared as a string and never imported.
@@ -37,7 +37,6 @@ def test_split_for(
         ValueError: the file names an unregistered DataModule or arguments it does not take.
     """
     from lightning_distill.data import DATASETS, accepted_arguments, canonical_name, check_datamodule_record
-    from lightning_distill.data.preprocess import Preprocessing
 
     where = where or "the export"
     dm_info = payload.get("datamodule") or {}
@@ -60,11 +59,33 @@ def test_split_for(
         if accepted is not None and key not in accepted:
             raise ValueError(f"{option} does not apply to {cls.__name__} (it takes {', '.join(sorted(accepted))})")
         init_args[key] = value
+    return cls(**init_args)
+
+
+def test_split_for(
+    payload: dict[str, Any], root: str | None = None, path: str | None = None, where: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """The real test split of the export's dataset, in the export's model-input space.
+
+    The DataModule is rebuilt by :func:`datamodule_for` (registered classes only, never imported from the file).
+
+    Args:
+        payload: a loaded export.
+        root: overrides the recorded data root.
+        path: overrides the recorded file or folder (array and ImageFolder data).
+        where: the export's file name, for the messages.
+
+    Raises:
+        ValueError: the file names an unregistered DataModule or arguments it does not take.
+    """
+    from lightning_distill.data.preprocess import Preprocessing
+
+    where = where or "the export"
+    dm = datamodule_for(payload, root, path, where)  # the class check comes first, as it always did
     try:
         prep = Preprocessing.from_dict(payload["preprocessing"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: its recorded preprocessing is not usable ({type(e).__name__}: {e})") from None
-    dm = cls(**init_args)
     x_raw, y = dm.load_split("test")
     check_shapes(payload, prep, x_raw, y, where)
     return prep.apply(x_raw.float() / 255.0), y

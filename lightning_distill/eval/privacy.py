@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_distill.eval.distilled import test_split_for
+from lightning_distill.eval.distilled import datamodule_for, test_split_for
 from lightning_distill.eval.protocols import (
     NO_FLIP_DATASETS,
     Protocol,
@@ -439,32 +439,6 @@ def privacy_sweep(
 # ------------------------------------------------------------------------------------------------ exports
 
 
-def _datamodule_for(payload: dict[str, Any], root: str | None = None, path: str | None = None) -> Any:
-    """The export's DataModule rebuilt from its record (not set up: only its raw splits are read).
-
-    The rules of :func:`~lightning_distill.eval.test_split_for`, which returns the test split only (the members live
-    in the training split): only a registered DataModule is rebuilt, with plain arguments it accepts; the file's
-    class path is looked up, never imported.
-    """
-    from lightning_distill.data import DATASETS, accepted_arguments, canonical_name, check_datamodule_record
-
-    record = payload.get("datamodule") or {}
-    if record.get("class_path") is None:  # exports made before the class path was recorded name only their dataset
-        name = canonical_name(str(payload.get("dataset", "")))
-        if name not in DATASETS:
-            raise PrivacyError(f"the export records neither a DataModule nor a known dataset ({name!r})")
-        cls = DATASETS[name]
-        record = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": record.get("init_args") or {}}
-    cls, init_args = check_datamodule_record(record, "the export")
-    accepted = accepted_arguments(cls)
-    for key, value in (("root", root), ("path", path)):
-        if value is not None:
-            if accepted is not None and key not in accepted:
-                raise PrivacyError(f"{key} does not apply to {cls.__name__} (it takes {', '.join(sorted(accepted))})")
-            init_args[key] = value
-    return cls(**init_args)
-
-
 def member_indices_of(payload: dict[str, Any], n_train: int) -> Tensor:
     """The members of an export as indices into the raw training split of ``n_train`` images.
 
@@ -498,7 +472,7 @@ def _train_split(payload: dict[str, Any], root: str | None, path: str | None) ->
     """The raw training split of the export's dataset and the export's preprocessing."""
     from lightning_distill.data.preprocess import Preprocessing
 
-    x_raw, y_raw = _datamodule_for(payload, root, path).load_split("train")
+    x_raw, y_raw = datamodule_for(payload, root, path).load_split("train")
     return x_raw, y_raw, Preprocessing.from_dict(payload["preprocessing"])
 
 
