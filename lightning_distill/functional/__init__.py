@@ -2,8 +2,16 @@
 
 from lightning_distill.functional.kernels import gram, krr_predict, no_tf32
 from lightning_distill.functional.losses import centred_one_hot, frepo_label_init_scale, half_mse, label_margin_loss
+from lightning_distill.functional.unroll import (
+    UnrollTrace,
+    reverse_sgd,
+    unroll_hypergradient,
+    unroll_sgd,
+    unroll_sgd_naive,
+)
 
 __all__ = [
+    "UnrollTrace",
     "centred_one_hot",
     "frepo_label_init_scale",
     "gram",
@@ -11,4 +19,8 @@ __all__ = [
     "krr_predict",
     "label_margin_loss",
     "no_tf32",
+    "reverse_sgd",
+    "unroll_hypergradient",
+    "unroll_sgd",
+    "unroll_sgd_naive",
 ]
