@@ -13,7 +13,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
-__all__ = ["gram", "krr_predict", "no_tf32"]
+__all__ = ["gram", "krr_predict", "no_tf32", "ridge_solve"]
 
 # Jitter (relative to the mean diagonal of K_ss) tried in float64 when even the float64 Cholesky fails, i.e. when
 # K_ss + λI is singular to working precision (for instance ridge 0 with duplicated support points).
@@ -113,10 +113,15 @@ def _krr_attempt(
         scale = mean_diag.detach()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         lam = lam + jitter * scale
-    eye = torch.eye(m, dtype=dtype, device=k_ss.device)
-    chol, info = torch.linalg.cholesky_ex(k_ss + lam * eye)
-    alpha = torch.cholesky_solve(ys, chol)
+    alpha, info = _ridge_attempt(k_ss, ys, lam)
     return k_ts @ alpha, info
+
+
+def _ridge_attempt(k: Tensor, rhs: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """``(K + λI)⁻¹ rhs`` by one Cholesky factorisation; returns the solution and the ``cholesky_ex`` info."""
+    eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+    chol, info = torch.linalg.cholesky_ex(k + lam * eye)
+    return torch.cholesky_solve(rhs, chol), info
 
 
 @overload
@@ -212,4 +217,52 @@ def krr_predict(
                 return (pred, info) if return_info else pred
     raise torch.linalg.LinAlgError(
         f"krr_predict: K_ss + λI is not positive definite even in float64 with relative jitter {_JITTERS_64[-1]}"
+    )
+
+
+def ridge_solve(
+    k: Tensor, rhs: Tensor, ridge: float | Tensor, return_info: bool = False
+) -> Tensor | tuple[Tensor, dict]:
+    """``(K + λI)⁻¹ rhs`` for a symmetric PSD ``K`` with the absolute ridge ``λ = ridge``: :func:`krr_predict`'s solver.
+
+    The same numerics as :func:`krr_predict`: float32 (float64 for float64 inputs) with TF32 and autocast off, one
+    Cholesky factorisation, and on failure or a non-finite result the solve redone in float64 with a growing jitter
+    relative to ``tr(K)/M``. Differentiable w.r.t. ``k``, ``rhs`` (and a tensor ``ridge``) by autograd. RCIG eliminates
+    its last layer with this (``α = (K + λI)⁻¹(Ỹ − U)``).
+
+    Args:
+        k: Kernel matrix ``(M, M)``.
+        rhs: Right-hand side ``(M, K)``.
+        ridge: Absolute ridge ``λ > 0``.
+        return_info: Also return ``{"fallback": bool, "jitter": float}``.
+
+    Returns:
+        The solution ``(M, K)`` in the compute dtype (and the info dict when asked).
+
+    Raises:
+        torch.linalg.LinAlgError: If the inputs are not finite or no jitter makes the solve succeed.
+    """
+    if k.dim() != 2 or k.shape[0] != k.shape[1] or rhs.shape[0] != k.shape[0]:
+        raise ValueError(f"ridge_solve needs K (M, M) and rhs (M, ...), got {tuple(k.shape)} and {tuple(rhs.shape)}")
+    dtype = _compute_dtype(k, rhs)
+    info: dict[str, Any] = {"fallback": False, "jitter": 0.0}
+    with torch.autocast(device_type=k.device.type, enabled=False), no_tf32():
+        lam = torch.as_tensor(ridge, dtype=dtype, device=k.device)
+        alpha, chol_info = _ridge_attempt(k.to(dtype), rhs.to(dtype), lam)
+        if bool(((chol_info == 0) & torch.isfinite(alpha).all()).item()):
+            return (alpha, info) if return_info else alpha
+        if not (torch.isfinite(k).all() and torch.isfinite(rhs).all()):
+            raise torch.linalg.LinAlgError("ridge_solve: non-finite kernel or right-hand side (diverged network?)")
+        info["fallback"] = dtype != torch.float64
+        k64 = k.to(torch.float64)
+        scale = (torch.diagonal(k64).sum() / k64.shape[0]).detach()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        for jitter in _JITTERS_64:
+            alpha64, chol_info = _ridge_attempt(k64, rhs.to(torch.float64), lam.to(torch.float64) + jitter * scale)
+            if bool(((chol_info == 0) & torch.isfinite(alpha64).all()).item()):
+                info["jitter"] = jitter
+                alpha = alpha64.to(dtype)
+                return (alpha, info) if return_info else alpha
+    raise torch.linalg.LinAlgError(
+        f"ridge_solve: K + λI is not positive definite even in float64 with relative jitter {_JITTERS_64[-1]}"
     )
