@@ -14,9 +14,9 @@ import torch
 from lightning_distill.callbacks import ExportDistilled
 from lightning_distill.data import DistilledDataModule
 from lightning_distill.export import load_distilled
-from lightning_distill.methods import FRePo, RandomSubset
+from lightning_distill.methods import FRePo, MemoriesBPTT, RandomSubset
 from lightning_distill.optim import CosineDecay
-from lightning_distill.synthetic import PixelSet
+from lightning_distill.synthetic import AddressableMemories, PixelSet
 from tests.helpers import quiet_trainer, tiny_mnist_dm
 from tests.toy_gradient_method import ToyGradients
 from tests.toy_sets import MixtureSet
@@ -32,12 +32,16 @@ METHODS = {
         seed=seed,
     ),
     "toy_gradients": lambda synthetic, seed: ToyGradients(synthetic=synthetic, seed=seed),
+    "memories_bptt": lambda synthetic, seed: MemoriesBPTT(
+        synthetic=synthetic, arch_kwargs={"width": 8, "depth": 2}, inner_steps=3, per_class_batch=2, seed=seed
+    ),
 }
 
 SETS = {
     "pixels_hard": lambda: PixelSet(ipc=2),
     "pixels_learned": lambda: PixelSet(ipc=2, labels="learned"),
     "mixture": lambda: MixtureSet(ipc=2, per_class=3, num_bases=4),
+    "memories": lambda: AddressableMemories(ipc=2, num_bases=4, rows_per_class=3),
 }
 
 # Every method on every set, except pairs that make no sense: the random baseline copies real images, which only a

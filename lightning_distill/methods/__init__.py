@@ -2,6 +2,7 @@
 
 from lightning_distill.methods.base import DistillationMethod, MetaStep, NonFiniteMetaStep
 from lightning_distill.methods.frepo import FRePo
+from lightning_distill.methods.memories import MemoriesBPTT
 from lightning_distill.methods.random_subset import RandomSubset
 
-__all__ = ["DistillationMethod", "FRePo", "MetaStep", "NonFiniteMetaStep", "RandomSubset"]
+__all__ = ["DistillationMethod", "FRePo", "MemoriesBPTT", "MetaStep", "NonFiniteMetaStep", "RandomSubset"]

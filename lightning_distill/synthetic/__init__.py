@@ -1,6 +1,15 @@
 """Learnable synthetic sets."""
 
 from lightning_distill.synthetic.base import DistilledView, LabelKind, SyntheticSet
+from lightning_distill.synthetic.memories import AddressableMemories, memory_rows_per_class
 from lightning_distill.synthetic.pixels import PixelSet, select_real
 
-__all__ = ["DistilledView", "LabelKind", "PixelSet", "SyntheticSet", "select_real"]
+__all__ = [
+    "AddressableMemories",
+    "DistilledView",
+    "LabelKind",
+    "PixelSet",
+    "SyntheticSet",
+    "memory_rows_per_class",
+    "select_real",
+]
