@@ -1,5 +1,7 @@
 """Evaluation of distilled sets: plain functions under registered, recorded protocols."""
 
+# Registers the ``apm`` protocols (and the ``l1_mean`` loss) wherever evaluation is imported.
+from lightning_distill.eval import apm_protocol  # noqa: F401
 from lightning_distill.eval.distilled import evaluate_distilled, test_split_for
 from lightning_distill.eval.privacy import PrivacyResult, evaluate_privacy, privacy_sweep, run_attacks
 from lightning_distill.eval.protocols import (
