@@ -14,7 +14,7 @@ import torch
 from lightning_distill.callbacks import ExportDistilled
 from lightning_distill.data import DistilledDataModule
 from lightning_distill.export import load_distilled
-from lightning_distill.methods import FRePo, MemoriesBPTT, RandomSubset
+from lightning_distill.methods import RCIG, FRePo, MemoriesBPTT, RandomSubset
 from lightning_distill.optim import CosineDecay
 from lightning_distill.synthetic import AddressableMemories, PixelSet
 from tests.helpers import quiet_trainer, tiny_mnist_dm
@@ -33,6 +33,10 @@ METHODS = {
         seed=seed,
     ),
     "toy_gradients": lambda synthetic, seed: ToyGradients(synthetic=synthetic, seed=seed),
+    "rcig": lambda synthetic, seed: RCIG(
+        synthetic=synthetic, arch_kwargs={"width": 8, "depth": 2}, pool_size=3, max_online_steps=4, inner_steps=3,
+        hinv_steps=3, tune_lr=False, inner_lr=1e-2, hinv_lr=1.0, seed=seed,
+    ),
     "apm": lambda synthetic, seed: _apm(synthetic, seed),
     "memories_bptt": lambda synthetic, seed: MemoriesBPTT(
         synthetic=synthetic, arch_kwargs={"width": 8, "depth": 2}, inner_steps=3, per_class_batch=2, seed=seed

@@ -171,6 +171,7 @@ class MetaGradient:
         logs: scalars worth logging (accuracy on the real batch, norms, solver residuals, clipping).
         inner, hinv: the two solver results (their ``losses`` drive the learning-rate tuning).
         timings: seconds per phase (``inner``, ``direct``, ``hinv``, ``implicit``).
+        hinv_rhs: ``∂L_out/∂δ`` at δ*, the right-hand side of the inverse-HVP solve (flat).
     """
 
     grads: dict[str, Tensor | None]
@@ -181,6 +182,7 @@ class MetaGradient:
     inner: SolveResult | None = None
     hinv: SolveResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    hinv_rhs: Tensor | None = None
 
 
 def _clip_to(g: Tensor | None, ref: Tensor | None) -> tuple[Tensor | None, bool]:
@@ -331,5 +333,5 @@ def meta_gradient(
         "log_temperature": g_tau,
     }
     timings = {"inner": t1 - t0, "direct": t2 - t1, "hinv": t3 - t2, "implicit": t4 - t3}
-    return MetaGradient(grads, direct, implicit, loss.detach(), logs, sol_in, sol_h, timings)
+    return MetaGradient(grads, direct, implicit, loss.detach(), logs, sol_in, sol_h, timings, g_delta.detach())
 

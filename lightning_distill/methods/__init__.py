@@ -5,5 +5,15 @@ from lightning_distill.methods.base import DistillationMethod, MetaStep, NonFini
 from lightning_distill.methods.frepo import FRePo
 from lightning_distill.methods.memories import MemoriesBPTT
 from lightning_distill.methods.random_subset import RandomSubset
+from lightning_distill.methods.rcig import RCIG
 
-__all__ = ["APM", "DistillationMethod", "FRePo", "MemoriesBPTT", "MetaStep", "NonFiniteMetaStep", "RandomSubset"]
+__all__ = [
+    "APM",
+    "DistillationMethod",
+    "FRePo",
+    "MemoriesBPTT",
+    "MetaStep",
+    "NonFiniteMetaStep",
+    "RCIG",
+    "RandomSubset",
+]
