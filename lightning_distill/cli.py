@@ -570,10 +570,22 @@ register_command(
     example="lightning-distill evaluate PATH --protocol dc --arch convnet,lenet --repeats 5",
 )
 register_command(
+    "teachers",
+    "train (or find in the cache) the teacher pool a recipe needs (APM); progress bar, one file per teacher",
+    "lightning_distill.teachers_command:teachers_main",
+    example="lightning-distill teachers --config recipes/apm/mnist_ipc10_cpu.yaml",
+)
+register_command(
     "privacy",
     "membership-inference AUC beside accuracy for an exported set and its real chunk; table, JSON, plot",
     "lightning_distill.eval.privacy_command:privacy_command",
     example="lightning-distill privacy PATH --steps 100,1000,4000 --arch-kwargs '{\"width\": 32}'",
+)
+register_command(
+    "continual",
+    "class-incremental continual learning: distil each step's classes from a recipe, retrain on the memory, test",
+    "lightning_distill.eval.continual:continual_command",
+    example="lightning-distill continual --config recipes/memories/mnist_ipc1_continual_cpu.yaml --orders 0,1,2",
 )
 
 

@@ -196,7 +196,7 @@ def test_trace_zca_whitens_training_data() -> None:
 
 
 def test_registry() -> None:
-    assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "tiny_imagenet"}
+    assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "tiny_imagenet", "imagenet64"}
     for name, cls in DATASETS.items():
         assert cls.name == name and issubclass(cls, RealDataModule)
     assert isinstance(get_datamodule("Fashion-MNIST"), FashionMNISTDataModule)

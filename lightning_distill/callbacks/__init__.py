@@ -1,7 +1,8 @@
 """Callbacks (one per file)."""
 
+from lightning_distill.callbacks.continual import ContinualLearningEval
 from lightning_distill.callbacks.cross_arch import CrossArchitectureEval
 from lightning_distill.callbacks.export import ExportDistilled
 from lightning_distill.callbacks.image_logger import SyntheticImageLogger
 
-__all__ = ["CrossArchitectureEval", "ExportDistilled", "SyntheticImageLogger"]
+__all__ = ["ContinualLearningEval", "CrossArchitectureEval", "ExportDistilled", "SyntheticImageLogger"]

@@ -10,6 +10,7 @@ from lightning_distill.data.cache import DatasetNotFoundError, default_cache_dir
 from lightning_distill.data.constants import CLASS_NAMES, DATASET_STATS, canonical_name
 from lightning_distill.data.distilled import DistilledDataModule
 from lightning_distill.data.folders import ImageFolderDataModule, TinyImageNetDataModule
+from lightning_distill.data.imagenet64 import ImageNet64DataModule
 from lightning_distill.data.preprocess import Preprocessing, ZCAFit, fit_zca, fit_zca_kornia, fit_zca_trace
 from lightning_distill.data.real import RealBatchStream, RealDataModule
 from lightning_distill.data.stream import ClassBalancedStream, ClassSubsetStream
@@ -29,6 +30,7 @@ DATASETS: dict[str, type[RealDataModule]] = {
     "cifar100": CIFAR100DataModule,
     "svhn": SVHNDataModule,
     "tiny_imagenet": TinyImageNetDataModule,
+    "imagenet64": ImageNet64DataModule,
 }
 
 
@@ -198,6 +200,7 @@ __all__ = [
     "DistilledDataModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
+    "ImageNet64DataModule",
     "MNISTDataModule",
     "Preprocessing",
     "RealBatchStream",

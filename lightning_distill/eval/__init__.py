@@ -2,6 +2,14 @@
 
 # Registers the ``apm`` protocols (and the ``l1_mean`` loss) wherever evaluation is imported.
 from lightning_distill.eval import apm_protocol  # noqa: F401
+from lightning_distill.eval.continual import (
+    ContinualResult,
+    ContinualStep,
+    class_orders,
+    run_continual,
+    run_continual_recipe,
+    split_classes,
+)
 from lightning_distill.eval.distilled import evaluate_distilled, test_split_for
 from lightning_distill.eval.privacy import PrivacyResult, evaluate_privacy, privacy_sweep, run_attacks
 from lightning_distill.eval.protocols import (
@@ -26,6 +34,12 @@ from lightning_distill.eval.protocols import (
 from lightning_distill.eval.train import EvalResult, test_accuracy, train_network, train_on_distilled
 
 __all__ = [
+    "ContinualResult",
+    "ContinualStep",
+    "class_orders",
+    "run_continual",
+    "run_continual_recipe",
+    "split_classes",
     "NO_FLIP_DATASETS",
     "PROTOCOLS",
     "PrivacyResult",
