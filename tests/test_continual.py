@@ -173,3 +173,26 @@ def test_callback_refuses_bad_settings(data_root, tmp_path):
         quiet_trainer(tmp_path, 1, [cb]).fit(
             RandomSubset(synthetic=PixelSet(ipc=1)), datamodule=tiny_mnist_dm(data_root)
         )
+
+
+def test_the_whole_protocol_from_a_recipe(data_root, tmp_path):
+    """Two orders of 2 steps through `run_continual_recipe`: each step is distilled from its own classes only."""
+    from lightning_distill.eval.continual import run_continual_recipe
+
+    results = run_continual_recipe(
+        "recipes/random/mnist_ipc1.yaml",
+        steps=2,
+        orders=[0, 3],
+        max_steps=1,
+        eval_steps=2,
+        arch_kwargs={"width": 8},
+        overrides=[f"--data.init_args.root={data_root}", "--trainer.callbacks=[]"],
+        run_dir=tmp_path,
+        log=None,
+    )
+    assert [r.config["order_seed"] for r in results] == [0, 3]
+    for r in results:
+        assert r.splits == split_classes(class_orders(10, [r.config["order_seed"]])[0], 2)
+        assert [s.memory_images for s in r.steps] == [5, 10]
+        assert [s.seen_classes for s in r.steps] == [sorted(r.splits[0]), list(range(10))]
+        assert r.steps[0].random_accuracies is not None

@@ -191,3 +191,11 @@ def test_hypergradient_is_the_naive_unroll_of_the_method(data_root, tmp_path):
     torch.testing.assert_close(step.value, outer.detach())
     for (n, _), r in zip(meta.items(), ref, strict=True):
         torch.testing.assert_close(step.grads[f"synthetic.{n}"], r, rtol=1e-4, atol=1e-7)
+
+
+def test_the_papers_evaluation_protocol_is_registered():
+    from lightning_distill.eval import get_protocol
+
+    rtp = get_protocol("rtp")
+    assert (rtp.optimizer, rtp.lr, rtp.momentum, rtp.weight_decay) == ("sgd", 0.01, 0.9, 0.0)
+    assert (rtp.epochs, rtp.batch_size, rtp.schedule, rtp.augment) == (300, 640, "constant", "none")

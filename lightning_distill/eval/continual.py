@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_distill.eval.protocols import Protocol, get_protocol
+from lightning_distill.eval.protocols import PROTOCOLS, Protocol, get_protocol, register_protocol
 from lightning_distill.eval.train import train_on_distilled
 
 __all__ = [
     "ContinualResult",
     "ContinualStep",
     "Memory",
+    "RTP_PROTOCOL",
     "class_orders",
     "continual_command",
     "embed_labels",
@@ -45,6 +46,27 @@ __all__ = [
     "summarise",
     "table",
 ]
+
+# The addressable-memories paper's own evaluation ("rtp", Remember the Past; official code, reference §1.5), which its
+# continual-learning use shares: ConvNet-3 width 128 instance norm, 300 epochs, batch 640, SGD 0.01 momentum 0.9, no
+# weight decay, no schedule, no augmentation; cross-entropy on hard labels. Registered here, in the eval package, so
+# that `lightning-distill evaluate --protocol rtp` knows it without importing the methods.
+RTP_PROTOCOL = Protocol(
+    name="rtp",
+    arch="convnet",
+    arch_kwargs={"width": 128, "norm": "instance"},
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=0.0,
+    loss="ce",
+    schedule="constant",
+    epochs=300,
+    batch_size=640,
+    augment="none",
+)
+if "rtp" not in PROTOCOLS:
+    register_protocol(RTP_PROTOCOL)
 
 #: The field's defaults (shared/reference/continual_learning.md): dataset -> (steps, stored items per class).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -375,8 +397,7 @@ def run_continual_recipe(
 
     def parse(root: Path) -> Any:
         args = ["--config", str(recipe), f"--trainer.default_root_dir={root}", "--trainer.logger=false"]
-        args += ["--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false"]
-        args += ["--trainer.enable_model_summary=false"]
+        args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
         if max_steps is not None:
             args.append(f"--trainer.max_steps={max_steps}")
         if minutes is not None:
@@ -386,8 +407,13 @@ def run_continual_recipe(
         cli.trainer.callbacks[:] = [cb for cb in cli.trainer.callbacks if type(cb).__name__ != "ContinualLearningEval"]
         return cli
 
+    import warnings
+
     from lightning_distill.callbacks.continual import ContinualLearningEval
 
+    # cli_main is given the recipe's arguments on purpose (not sys.argv, which holds this command's own).
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
     run_dir = Path(run_dir)
     probe = cli_main(
         ["--config", str(recipe), f"--trainer.default_root_dir={run_dir / 'parse'}", "--trainer.logger=false"]

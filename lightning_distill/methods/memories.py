@@ -21,33 +21,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_distill.eval.protocols import PROTOCOLS, Protocol, register_protocol
+from lightning_distill.eval.continual import RTP_PROTOCOL
 from lightning_distill.functional.unroll import reverse_sgd, unroll_sgd
 from lightning_distill.methods.base import DistillationMethod, MetaStep
 from lightning_distill.nets import get_net, list_nets, seeded_net
 from lightning_distill.synthetic.base import SyntheticSet
 
 __all__ = ["RTP_PROTOCOL", "MemoriesBPTT", "inner_cross_entropy"]
-
-# The paper's evaluation (official code, §1.5 of the reference): ConvNet-3 width 128 instance norm, 300 epochs, batch
-# 640, SGD 0.01 momentum 0.9, no weight decay, no schedule, no augmentation by default; cross-entropy on hard labels.
-RTP_PROTOCOL = Protocol(
-    name="rtp",
-    arch="convnet",
-    arch_kwargs={"width": 128, "norm": "instance"},
-    optimizer="sgd",
-    lr=0.01,
-    momentum=0.9,
-    weight_decay=0.0,
-    loss="ce",
-    schedule="constant",
-    epochs=300,
-    batch_size=640,
-    augment="none",
-)
-if "rtp" not in PROTOCOLS:
-    register_protocol(RTP_PROTOCOL)
-
 
 def inner_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy on class ids, or soft cross-entropy ``−Σ y·log softmax`` on float targets (learned labels)."""
