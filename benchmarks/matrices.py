@@ -104,6 +104,16 @@ GPU_BUDGET = Budget(minutes=60, repeats=5, curve=3)
 SMOKE_BUDGET = Budget(minutes=1, max_steps=2, repeats=1, krr_arch_kwargs={"width": 8}, dc_epochs=1, eval_steps=2)
 
 
+# MemoriesBPTT's CPU recipes: ~1.8 s per outer step on one loaded core, so 900 steps fill the 30 minutes. A memory
+# generates many images from its budget (MNIST budget 1: 290, budget 10: 4700), so the full dc (1000 epochs) and krr
+# (40000 steps at 4700 images) evaluations would take hours per network on the CPU: these cells train every network
+# for 1000 steps (--eval-steps, also random real's, which is then trained longer than its 1000-epoch dc count at
+# budget 1), 3 networks each. The paper's own protocol is run apart: lightning-distill evaluate <set> --protocol rtp.
+MEMORIES_CPU_BUDGET = Budget(
+    minutes=30, max_steps=900, repeats=3, krr_arch_kwargs={"width": 64}, eval_steps=1000, curve=0
+)
+
+
 def _cells(method: str, datasets: list[str], ipcs: list[int], suffix: str, budget: Budget) -> tuple[Cell, ...]:
     """Cells ``recipes/<method>/<dataset>_ipc<k><suffix>.yaml``; where no such recipe exists, the full recipe."""
     cells = []
@@ -136,6 +146,19 @@ MATRICES: dict[str, Matrix] = {
             "FRePo (and random real) on MNIST and CIFAR-10 at IPC 1, 10 and 50, the published recipes, "
             "an hour per cell",
             _cells("frepo", ["mnist", "cifar10"], [1, 10, 50], "", GPU_BUDGET),
+        ),
+        Matrix(
+            "memories-cpu",
+            "addressable memories on MNIST and Fashion-MNIST at budgets 1 and 10, 30 minutes per cell: MemoriesBPTT on "
+            "memories and on pixels (plain BPTT), FRePo on memories (random real at the same budget inside each cell)",
+            _cells("memories", ["mnist", "fashion_mnist"], [1, 10], "_cpu", MEMORIES_CPU_BUDGET)
+            + _cells("memories", ["mnist", "fashion_mnist"], [1, 10], "_pixels_cpu", MEMORIES_CPU_BUDGET)
+            + _cells("frepo", ["mnist", "fashion_mnist"], [1, 10], "_memories_cpu", MEMORIES_CPU_BUDGET),
+        ),
+        Matrix(
+            "memories-gpu",
+            "MemoriesBPTT on memories, CIFAR-10 budget 1, the official settings (paper 66.4), an hour",
+            (Cell("recipes/memories/cifar10_ipc1.yaml", GPU_BUDGET),),
         ),
         Matrix(
             "smoke",

@@ -67,6 +67,24 @@ PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16", "auto": "auto", "policy": "au
 Constructor = Callable[[int, str, str], tuple[DistillationMethod, int]]
 
 
+def _memories_bptt(ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int]:
+    """MemoriesBPTT on AddressableMemories as in recipes/memories/ (official: width 128, T=150, 32 addresses per class,
+    K=16 at half resolution, real batch 640; cpu: width 16, T=10, 10 per class, batch 256). Always float32 (the
+    reverse pass is exact only there); ``precision`` is ignored."""
+    from lightning_distill.methods import MemoriesBPTT
+    from lightning_distill.synthetic import AddressableMemories
+
+    width, steps, per_class = {"official": (128, 150, 32), "cpu": (16, 10, 10), "smoke": (8, 2, 2)}[profile]
+    method = MemoriesBPTT(
+        synthetic=AddressableMemories(ipc=ipc, num_bases=16, downsample=2),
+        arch_kwargs={"width": width},
+        inner_steps=steps,
+        inner_lr=0.01 if profile == "official" else 0.05,
+        per_class_batch=per_class,
+    )
+    return method, {"official": 640, "cpu": 256, "smoke": 64}[profile]
+
+
 def _frepo(ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int]:
     """FRePo as in recipes/frepo/ (official: convnet_frepo 128/256/512, real batch 1024; cpu: width 64, batch 256)."""
     from lightning_distill.methods import FRePo
@@ -104,6 +122,9 @@ def discover_methods() -> list[str]:
 def takes_precision(name: str) -> bool:
     """Whether the method's constructor accepts ``precision`` (a method without network passes need not)."""
     return "precision" in inspect.signature(getattr(methods_pkg, name).__init__).parameters
+
+
+CONSTRUCTORS["MemoriesBPTT"] = _memories_bptt
 
 
 def build(name: str, ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int, str]:
