@@ -105,8 +105,33 @@ def _random_subset(ipc: int, profile: str, precision: str = "fp32") -> tuple[Dis
     return RandomSubset(synthetic=PixelSet(ipc=ipc, labels="hard")), {"smoke": 64}.get(profile, 256)
 
 
+def _apm(ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int]:
+    """APM as in recipes/apm/ (official: width 128, students of 250 epochs; cpu: width 32, 50 epochs), with untrained
+    teachers (time does not depend on their weights). A student is retrained every third step, as in a run: the
+    median step is an image update, the mean includes the retrains."""
+    from lightning_distill.components.teachers import TeacherPool, TeacherSpec
+    from lightning_distill.methods import APM
+
+    width = {"official": {}, "cpu": {"width": 32}, "smoke": {"width": 8}}[profile]
+    epochs, k = {"official": (250, 5), "cpu": (50, 5), "smoke": (2, 1)}[profile]
+    spec = TeacherSpec(arch_kwargs=width, num_teachers=2)
+    method = APM(
+        synthetic=PixelSet(ipc=ipc), arch_kwargs=width, teachers=spec, student_epochs=epochs, num_checkpoints=k,
+        precision=precision,
+    )
+    original = method.setup_method
+
+    def setup_with_untrained_teachers(datamodule: Any) -> None:
+        c, h, _ = method.synthetic.image_shape
+        method.pool = TeacherPool.untrained(spec, c, method.synthetic.num_classes, h)
+        original(datamodule)
+
+    method.setup_method = setup_with_untrained_teachers  # type: ignore[method-assign]
+    return method, {"smoke": 64}.get(profile, 256)
+
+
 # One line per method. A method missing here is still timed, built with its defaults around a PixelSet.
-CONSTRUCTORS: dict[str, Constructor] = {"FRePo": _frepo, "RandomSubset": _random_subset}
+CONSTRUCTORS: dict[str, Constructor] = {"FRePo": _frepo, "RandomSubset": _random_subset, "APM": _apm}
 
 
 def discover_methods() -> list[str]:

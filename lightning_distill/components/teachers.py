@@ -247,6 +247,20 @@ class TeacherPool:
     def __len__(self) -> int:
         return len(self.states)
 
+    @classmethod
+    def untrained(
+        cls, spec: TeacherSpec, in_channels: int, num_classes: int, image_size: int, count: int | None = None
+    ) -> TeacherPool:
+        """Freshly initialised (seeded) teachers of ``spec``'s architecture: for speed and memory measurements only
+        (time and memory do not depend on the weights), never for distillation."""
+        def build() -> nn.Module:
+            return get_net(spec.arch, in_channels, num_classes, image_size, **spec.arch_kwargs)
+
+        n = spec.num_teachers if count is None else count
+        states = [seeded_net(build, spec.seed + i).state_dict() for i in range(n)]
+        records = [{"index": i, "seed": spec.seed + i, "untrained": True} for i in range(n)]
+        return cls(build(), states, records, {"arch": spec.arch, "arch_kwargs": spec.arch_kwargs, "untrained": True})
+
     def net(self, index: int, device: torch.device | str = "cpu") -> nn.Module:
         """Teacher ``index`` as a frozen network in eval mode on ``device`` (built once per device, then reused)."""
         if not 0 <= index < len(self.states):

@@ -189,8 +189,11 @@ def apm_gradients(
         if device is not None:
             x = x.to(device)
         x.requires_grad_(True)
-        t = teacher(x)
-        s = students(x)
+        # The networks see a view, not the leaf itself: module-tracking hooks (FlopCounterMode) cannot watch a leaf
+        # that autograd.grad differentiates with respect to.
+        x_in = x.view_as(x)
+        t = teacher(x_in)
+        s = students(x_in)
         yc = y[start : start + step].to(t.device)
         # Sums over the chunk's images divided by the whole batch: the chunks add up to the batch means.
         disc = (s - t.unsqueeze(0)).abs().mean(dim=2).sum() / n

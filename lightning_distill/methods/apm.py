@@ -170,6 +170,7 @@ class APM(DistillationMethod):
         self._held: dict[str, nn.Module] = {}
         self._stacked: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         self.student_seconds = 0.0
+        self._calls = 0
 
     # ------------------------------------------------------------------------------------------ set-up
     def _net_device(self) -> torch.device:
@@ -188,15 +189,16 @@ class APM(DistillationMethod):
         k = self.synthetic.num_classes
         self._held["student"] = get_net(self.arch, c, k, h, **self.arch_kwargs).eval().requires_grad_(False)
         start = time.perf_counter()
-        self.pool = load_teacher_pool(
-            datamodule,
-            self.teachers,
-            folder=self.teacher_dir,
-            build=self.build_teachers,
-            device=self._net_device(),
-            progress=False,
-            how_to_build="lightning-distill teachers --config YOUR_RECIPE.yaml",
-        )
+        if self.pool is None:  # a pool set on the method beforehand (benchmarks) is used as it is
+            self.pool = load_teacher_pool(
+                datamodule,
+                self.teachers,
+                folder=self.teacher_dir,
+                build=self.build_teachers,
+                device=self._net_device(),
+                progress=False,
+                how_to_build="lightning-distill teachers --config YOUR_RECIPE.yaml",
+            )
         summary = self.pool.summary()
         waited = time.perf_counter() - start
         acc = "-" if summary["test_acc"] is None else f"{summary['test_acc']:.2f}"
@@ -299,7 +301,9 @@ class APM(DistillationMethod):
     def outer_loss(self, x_syn: Tensor | None, y_syn: Tensor | None, x_real: Tensor, y_real: Tensor) -> MetaStep:
         if self.pool is None:
             raise RuntimeError("APM has no teacher pool: fit it with a Trainer and a real DataModule")
-        step = int(self.trainer.global_step) if self._trainer is not None else 0
+        # The trainer's step count (exact resume); without a trainer (benchmarks) the method's own count.
+        step = int(self.trainer.global_step) if self._trainer is not None else self._calls
+        self._calls += 1
         device = self._net_device()
         index = self.touched_images()
         logs: dict[str, float | Tensor] = {}
