@@ -263,6 +263,8 @@ def main() -> None:
     if a.paper:
         res["paper"] = run_point(a, 500, None, student_epochs=250)
         print(res["paper"], flush=True)
+    # "rows": a table of its own, which the suite's report leaves to this file's .md.
+    res["rows"] = res["by_size"] + res["by_chunk"] + ([res["paper"]] if a.paper else [])
     out = Path(a.out) if a.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     stem = a.name or f"apm_memory_{a.device.split(':')[0]}"
