@@ -54,7 +54,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     mem = AddressableMemories(ipc=a.budget, num_bases=16, downsample=2, num_classes=classes, image_shape=shape)
     g = torch.Generator().manual_seed(0)
     mem.initialise(torch.randn(classes * 2, *shape), torch.arange(classes).repeat(2), g)
-    dtype = getattr(torch, a.dtype)
+    # "reference": the reverse pass in float64, the yardstick both float32 hyper-gradients are measured against.
+    dtype = torch.float64 if a.mode == "reference" else getattr(torch, a.dtype)
     net.to(dtype)
     params = {n: p.detach() for n, p in net.named_parameters()}
     mem.to(device, dtype)
@@ -84,7 +85,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     else:
         base = _rss_bytes()
     start = time.perf_counter()
-    if a.mode == "reverse":
+    if a.mode in ("reverse", "reference"):
         _, grads, trace = unroll_hypergradient(
             loss_fn, outer_fn, params, batch_fn, meta, a.T, 0.01, 0.9, snapshot_device=snapshot
         )
@@ -140,10 +141,14 @@ def main() -> None:
     p.add_argument("--mem-limit-gb", type=float, default=16.0, help="address-space cap of a CPU run (0: none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float64: exact comparison")
+    p.add_argument(
+        "--reference", action="store_true", help="also run the reverse pass in float64 and measure both against it"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--name", default=None, help="output stem (default memories_memory_<device>)")
     # Internal: one measurement in a fresh process.
-    p.add_argument("--worker", choices=["reverse", "naive"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["reverse", "naive", "reference"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, default=10, help=argparse.SUPPRESS)
     p.add_argument("--grads-out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -159,7 +164,8 @@ def main() -> None:
     rows = []
     for T in [int(s) for s in a.steps.split(",")]:
         pair = {}
-        for mode in ("reverse", "naive"):
+        modes = ("reverse", "naive") + (("reference",) if a.reference and a.dtype != "float64" else ())
+        for mode in modes:
             res = run_one(a, mode, T, tmp / f"{mode}_{T}.pt")
             print(json.dumps(res), flush=True)
             pair[mode] = res
@@ -170,13 +176,22 @@ def main() -> None:
             den = sum(g2[k].pow(2).sum() for k in g2).sqrt()
             pair["reverse"]["rel_err_vs_naive"] = float(num / den)
             pair["reverse"]["memory_ratio"] = pair["reverse"]["peak_mb"] / max(pair["naive"]["peak_mb"], 1e-9)
+        if "reference" in pair and pair["reference"]["fits"]:
+            ref = torch.load(tmp / f"reference_{T}.pt")
+            for mode in ("reverse", "naive"):
+                if pair[mode]["fits"]:
+                    g = torch.load(tmp / f"{mode}_{T}.pt")
+                    num = sum((g[k].double() - ref[k]).pow(2).sum() for k in g).sqrt()
+                    pair[mode]["rel_err_vs_float64"] = float(num / sum(ref[k].pow(2).sum() for k in ref).sqrt())
     for f in tmp.glob("*.pt"):
         f.unlink()
     tmp.rmdir()
     config = {k: getattr(a, k) for k in ("device", "width", "per_class", "real_batch", "size", "channels", "budget")}
-    config.update(cpu_snapshots=a.cpu_snapshots, threads=a.threads, mem_limit_gb=a.mem_limit_gb, dtype=a.dtype)
+    config.update(
+        cpu_snapshots=a.cpu_snapshots, threads=a.threads, mem_limit_gb=a.mem_limit_gb, dtype=a.dtype, steps=a.steps
+    )
     result = {"config": config, "rows": rows, "stamp": stamp()}
-    stem = f"memories_memory_{a.device.split(':')[0]}"
+    stem = a.name or f"memories_memory_{a.device.split(':')[0]}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
@@ -196,17 +211,20 @@ def markdown(r: dict[str, Any]) -> str:
         "The two hyper-gradients agree to float64 round-off in float64 (tests/test_unroll.py); in float32 their gap",
         "grows with T as round-off is amplified along the unroll (neither is the exact value then).",
         "",
-        "| T | mode | peak memory (MiB) | ms / outer step | reverse / naive memory | rel. error vs naive |",
-        "|---|---|---|---|---|---|",
+        "| T | mode | peak memory (MiB) | ms / outer step | reverse / naive memory | rel. error vs naive "
+        "| rel. error vs float64 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         if not row["fits"]:
-            lines.append(f"| {row['T']} | {row['mode']} | did not fit ({row['why']}) | – | – | – |")
+            lines.append(f"| {row['T']} | {row['mode']} | did not fit ({row['why']}) | – | – | – | – |")
             continue
         ratio = f"{row['memory_ratio']:.3f}" if "memory_ratio" in row else "–"
         err = f"{row['rel_err_vs_naive']:.1e}" if "rel_err_vs_naive" in row else "–"
+        err64 = f"{row['rel_err_vs_float64']:.1e}" if "rel_err_vs_float64" in row else "–"
         lines.append(
-            f"| {row['T']} | {row['mode']} | {row['peak_mb']:.1f} | {row['ms_per_outer_step']:.0f} | {ratio} | {err} |"
+            f"| {row['T']} | {row['mode']} | {row['peak_mb']:.1f} | {row['ms_per_outer_step']:.0f} | {ratio} | {err} "
+            f"| {err64} |"
         )
     return "\n".join(lines) + "\n"
 
