@@ -132,6 +132,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
                 alpha=0.6,
                 label=f"random real, same storage as {label}",
             )
+    ax.set_xticks(list(steps))
     ax.set_xlabel("step (classes added)")
     ax.set_ylabel("test accuracy on seen classes (%)")
     ax.legend(fontsize=7)
