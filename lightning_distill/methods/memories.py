@@ -29,6 +29,7 @@ from lightning_distill.synthetic.base import SyntheticSet
 
 __all__ = ["RTP_PROTOCOL", "MemoriesBPTT", "inner_cross_entropy"]
 
+
 def inner_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy on class ids, or soft cross-entropy ``−Σ y·log softmax`` on float targets (learned labels)."""
     if y.ndim == 1:
