@@ -38,6 +38,12 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=None, help="wall-clock cap of each step's distillation")
     p.add_argument("--eval-steps", type=int, default=None, help="override the protocol's optimiser steps")
     p.add_argument("--arch-kwargs", default=None, help="JSON options of the evaluation network")
+    p.add_argument(
+        "--random",
+        choices=["all", "first", "none"],
+        default="all",
+        help="random-real baseline for every recipe, only the first (same budget for all: saves its evaluations), none",
+    )
     p.add_argument("--name", default=None, help="output stem (default continual_<dataset>)")
     p.add_argument("--out", default=None, help="folder for results (default benchmarks/results)")
     p.add_argument("--run-dir", default="runs/bench/continual")
@@ -52,7 +58,7 @@ def main() -> None:
     out = Path(a.out or Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
-    for recipe in a.recipes:
+    for i, recipe in enumerate(a.recipes):
         print(f"== {recipe}", flush=True)
         results = run_continual_recipe(
             recipe,
@@ -62,6 +68,7 @@ def main() -> None:
             repeats=a.repeats,
             max_steps=a.max_steps,
             minutes=a.minutes,
+            random_baseline=a.random == "all" or (a.random == "first" and i == 0),
             eval_steps=a.eval_steps,
             arch_kwargs=json.loads(a.arch_kwargs) if a.arch_kwargs else None,
             overrides=a.overrides,
