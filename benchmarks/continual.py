@@ -1,7 +1,8 @@
 """The class-incremental continual-learning benchmark: several recipes through the whole protocol, one plot.
 
     python benchmarks/continual.py recipes/memories/mnist_ipc1_continual_cpu.yaml \
-        recipes/frepo/mnist_ipc1_memories_continual_cpu.yaml --orders 0,1,2
+        recipes/frepo/mnist_ipc1_memories_continual_cpu.yaml recipes/frepo/mnist_ipc1_cpu_lr3e-3.yaml@400 \
+        --orders 0,1,2 --protocol dc --repeats 2 --eval-steps 300 --arch-kwargs '{"width": 64}' --random first
 
 For each recipe, every class order runs ``lightning-distill continual``'s protocol
 (:func:`~lightning_distill.eval.continual.run_continual_recipe`): each step's classes are distilled from their own real
@@ -29,7 +30,7 @@ from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipes", nargs="+", help="fit recipes, one curve each")
+    p.add_argument("recipes", nargs="+", help="fit recipes, one curve each; RECIPE@N distils N outer steps per step")
     p.add_argument("--orders", default=None, help="comma-separated class-order seeds (default: the recipe's)")
     p.add_argument("--steps", type=int, default=None, help="class-incremental steps (default: the recipe's)")
     p.add_argument("--protocol", default=None, help="evaluation protocol (default: the recipe's)")
@@ -58,7 +59,8 @@ def main() -> None:
     out = Path(a.out or Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
-    for i, recipe in enumerate(a.recipes):
+    for i, spec in enumerate(a.recipes):
+        recipe, _, own_steps = spec.partition("@")
         print(f"== {recipe}", flush=True)
         results = run_continual_recipe(
             recipe,
@@ -66,7 +68,7 @@ def main() -> None:
             orders=[int(s) for s in a.orders.split(",")] if a.orders else None,
             protocol=a.protocol,
             repeats=a.repeats,
-            max_steps=a.max_steps,
+            max_steps=int(own_steps) if own_steps else a.max_steps,
             minutes=a.minutes,
             random_baseline=a.random == "all" or (a.random == "first" and i == 0),
             eval_steps=a.eval_steps,
