@@ -42,6 +42,14 @@ PAPER = {
         "cifar100": {1: (28.7, 0.1), 10: (42.5, 0.2), 50: (44.3, 0.2)},
         "tiny_imagenet": {1: (15.4, 0.3), 10: (25.4, 0.2)},
     },
+    # RCIG (Loo et al., ICML 2023); MNIST/F-MNIST unverified against the PDF (methods_frepo_rcig.md §4).
+    "RCIG": {
+        "mnist": {1: (94.7, 0.5), 10: (98.9, 0.0), 50: (99.2, 0.0)},
+        "fashion_mnist": {1: (79.8, 1.1), 10: (88.5, 0.2), 50: (90.2, 0.2)},
+        "cifar10": {1: (53.9, 1.0), 10: (69.1, 0.4), 50: (73.5, 0.3)},
+        "cifar100": {1: (39.3, 0.4), 10: (44.1, 0.4), 50: (46.7, 0.3)},
+        "tiny_imagenet": {1: (25.6, 0.3), 10: (29.4, 0.2)},
+    },
 }
 # Random real images under the DC protocol (Zhao et al., ICLR 2021, Table 1).
 RANDOM_PAPER = {"mnist": {1: (64.9, 3.5), 10: (95.1, 0.9)}, "fashion_mnist": {1: (51.4, 3.8), 10: (73.8, 0.7)}}

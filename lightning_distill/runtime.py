@@ -15,6 +15,10 @@ import ctypes.util
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -54,3 +58,24 @@ def tune_cpu_allocator(enable: bool = True) -> bool:
     mmap_max, trim = (0, 2**31 - 1) if enable else (_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
     # mallopt returns 1 on success.
     return libc.mallopt(_M_MMAP_MAX, mmap_max) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1
+
+
+@contextmanager
+def flush_denormals(enable: bool = True) -> Iterator[None]:
+    """Within the block, the calling thread flushes denormal floats to zero (x86 FTZ/DAZ), then stops again.
+
+    A smooth ReLU ``softplus(βx)/β`` with a large β (RCIG: 60) computes ``exp(βx)`` for very negative ``βx``, whose
+    results are denormal: on x86 each such operation takes a microcode assist, and softplus alone was 56 % of the
+    RCIG pool network's forward pass on the 2-core benchmark machine (4.5x faster with flushing, same results to
+    within 1e-38). Only the calling thread is affected (intra-op worker threads keep their own mode), so the gain is
+    largest at one thread. Does nothing where the processor has no such mode.
+    """
+    if not enable:
+        yield
+        return
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if supported:
+            torch.set_flush_denormal(False)

@@ -72,6 +72,29 @@ def test_linearised_net_products_are_j_and_its_transpose():
     assert torch.allclose((r * lin.jvp(v)).sum(), torch.dot(lin.vjp(r), v))
 
 
+def test_the_explicit_jacobian_gives_the_same_products_and_system():
+    from lightning_distill.functional.linearize import JacobianLinearisedNet
+
+    net, params = _net()
+    x = _x(5)
+    keys = tangent_keys(params)
+    lin = LinearisedNet(net, params, {}, x)
+    jac = JacobianLinearisedNet(net, params, {}, x, chunk=2)
+    v = flatten(_delta(params), keys)
+    r = torch.randn(5, C, dtype=torch.float64)
+    torch.testing.assert_close(jac.jvp(v), lin.jvp(v))
+    torch.testing.assert_close(jac.vjp(r), lin.vjp(r))
+    torch.testing.assert_close(jac.features, lin.features)
+    y = torch.randn(5, C, dtype=torch.float64)
+    free = inner_system(net, params, {}, x, y, 0.1)
+    formed = inner_system(net, params, {}, x, y, 0.1, jacobian_mb=10)
+    assert isinstance(formed.lin, JacobianLinearisedNet) and isinstance(free.lin, LinearisedNet)
+    torch.testing.assert_close(formed.matvec(v), free.matvec(v))
+    torch.testing.assert_close(formed.b, free.b)
+    # Too large for the cap: matrix-free.
+    assert isinstance(inner_system(net, params, {}, x, y, 0.1, jacobian_mb=1e-6).lin, LinearisedNet)
+
+
 def test_hvp_forward_over_reverse_matches_an_explicit_hessian():
     torch.manual_seed(0)
     w1 = torch.randn(4, 3, dtype=torch.float64)
@@ -217,7 +240,8 @@ def test_the_whole_rcig_meta_gradient_matches_finite_differences(use_flip):
             args_m = dict(args_p)
             args_p[name] = base.detach() + eps * d
             args_m[name] = base.detach() - eps * d
-            fd = (outer_value(args_p["x"], args_p["y"], tau.detach()) - outer_value(args_m["x"], args_m["y"], tau.detach()))
+            fd = outer_value(args_p["x"], args_p["y"], tau.detach())
+            fd -= outer_value(args_m["x"], args_m["y"], tau.detach())
             fd /= 2 * eps
             assert float((grad * d).sum()) == pytest.approx(fd, rel=1e-5, abs=1e-9), name
     fd_tau = (outer_value(x_syn.detach(), y_syn.detach(), tau.detach() + eps)

@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from lightning_distill.functional.implicit import implicit_vjp
 from lightning_distill.functional.kernels import gram, krr_predict, no_tf32, ridge_solve
-from lightning_distill.functional.linearize import LinearisedNet, linearised_forward, tangent_keys
+from lightning_distill.functional.linearize import (
+    JacobianLinearisedNet,
+    LinearisedNet,
+    head_names,
+    linearised_forward,
+    tangent_keys,
+)
 from lightning_distill.functional.losses import label_margin_loss
 from lightning_distill.functional.solvers import SolveResult, solve_spd
 from lightning_distill.functional.trees import flatten, unflatten
@@ -99,7 +105,7 @@ class InnerSystem:
         ridge: The absolute ridge ``λ``.
     """
 
-    def __init__(self, lin: LinearisedNet, y_sup: Tensor, ridge: float) -> None:
+    def __init__(self, lin: LinearisedNet | JacobianLinearisedNet, y_sup: Tensor, ridge: float) -> None:
         self.lin = lin
         self.ridge = float(ridge)
         self.y_sup = y_sup.detach()
@@ -129,9 +135,24 @@ def inner_system(
     ridge: float,
     head: str = "classifier",
     chunk: int | None = None,
+    jacobian_mb: float = 0.0,
 ) -> InnerSystem:
-    """:class:`InnerSystem` of the network at ``params`` on the detached support set ``(x_sup, y_sup)``."""
-    return InnerSystem(LinearisedNet(net, params, buffers, x_sup.detach(), head, chunk), y_sup, ridge)
+    """:class:`InnerSystem` of the network at ``params`` on the detached support set ``(x_sup, y_sup)``.
+
+    Args:
+        jacobian_mb: Form the Jacobian explicitly (:class:`JacobianLinearisedNet`) when it takes at most this many
+            MiB (``M·C·P·4`` bytes); otherwise, or with 0, every product is a JVP and a backward pass. The two give
+            the same products (tested); only time and memory differ.
+    """
+    m, c = y_sup.shape
+    body = sum(v.numel() for k, v in params.items() if k not in head_names(head))
+    if jacobian_mb > 0 and m * c * body * x_sup.element_size() <= jacobian_mb * 2**20:
+        lin: LinearisedNet | JacobianLinearisedNet = JacobianLinearisedNet(
+            net, params, buffers, x_sup.detach(), head, chunk
+        )
+    else:
+        lin = LinearisedNet(net, params, buffers, x_sup.detach(), head, chunk)
+    return InnerSystem(lin, y_sup, ridge)
 
 
 #: A function ``(delta, x_sup, y_sup) -> L_in`` (what :func:`~lightning_distill.functional.implicit_vjp` takes).
@@ -213,7 +234,9 @@ def meta_gradient(
     head: str = "classifier",
     chunk: int | None = None,
     syn_grad_batch: int | None = None,
+    real_grad_batch: int | None = None,
     generator: torch.Generator | None = None,
+    jacobian_mb: float = 0.0,
 ) -> MetaGradient:
     """One RCIG meta-gradient: inner solve, direct gradient, inverse-HVP, implicit term (Loo et al. 2023, §3).
 
@@ -239,7 +262,11 @@ def meta_gradient(
         syn_grad_batch: If set and smaller than the support set, the direct pass recomputes only this many random
             support images with gradient and splices them into features computed without gradient for all (RCIG's
             subsampling for large sets: less memory, a subsampled gradient).
-        generator: Draws that subset.
+        real_grad_batch: The same for the real batch: the tangent outputs of all real images are computed without
+            gradient and only this many random ones carry the gradient w.r.t. δ (RCIG's large configurations).
+        generator: Draws those subsets.
+        jacobian_mb: Form the support set's Jacobian for the solves when it fits this many MiB (see
+            :func:`inner_system`; time and memory only).
 
     Returns:
         The :class:`MetaGradient`.
@@ -248,7 +275,7 @@ def meta_gradient(
     learned = y_syn.requires_grad
     keys = tangent_keys(params, head)
     x_sup_d, y_sup_d = support_set(x_syn.detach(), y_syn.detach(), use_flip)
-    system = inner_system(net, params, buffers, x_sup_d, y_sup_d, ridge, head, chunk)
+    system = inner_system(net, params, buffers, x_sup_d, y_sup_d, ridge, head, chunk, jacobian_mb)
     sol_in = inner.solve(system, system.b)
     t1 = time.perf_counter()
 
@@ -266,7 +293,16 @@ def meta_gradient(
             u_s = u_all.index_copy(0, pick, u_sub)
         else:
             feats_s, u_s = linearised_forward(net, params, buffers, x_sup, delta, head)
-        feats_t, u_t = linearised_forward(net, params, buffers, x_real, delta, head)
+        if real_grad_batch is not None and real_grad_batch < len(x_real):
+            pick_t = torch.randperm(len(x_real), generator=generator)[:real_grad_batch].to(x_real.device)
+            with torch.no_grad():
+                feats_t, u_t = linearised_forward(
+                    net, params, buffers, x_real, {k: t.detach() for k, t in delta.items()}, head
+                )
+            _, u_sub = linearised_forward(net, params, buffers, x_real[pick_t], delta, head)
+            u_t = u_t.index_copy(0, pick_t, u_sub)
+        else:
+            feats_t, u_t = linearised_forward(net, params, buffers, x_real, delta, head)
         pred = predict(feats_t, u_t, feats_s, u_s, y_sup, ridge)
         ce = F.cross_entropy(pred * log_temperature.exp(), y_real)
         loss = ce

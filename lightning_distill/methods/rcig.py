@@ -24,6 +24,7 @@ from lightning_distill.functional.rcig import MetaGradient, SolverSettings, inne
 from lightning_distill.methods.base import DistillationMethod, MetaStep
 from lightning_distill.nets import get_net
 from lightning_distill.precision import PrecisionMode
+from lightning_distill.runtime import flush_denormals
 from lightning_distill.synthetic.base import DistilledView, SyntheticSet
 
 __all__ = ["RCIG", "mean_half_mse", "tune_lr"]
@@ -95,6 +96,10 @@ class RCIG(DistillationMethod):
         solve_chunk: pass at most this many support images at a time through the network in the solves (memory only).
         syn_grad_batch: recompute only this many random support images with gradient in the direct pass, the rest
             without (RCIG's subsampling for large sets; ``None``: all).
+        real_grad_batch: the same for the real batch's tangent outputs (those that carry the gradient w.r.t. δ).
+        jacobian_mb: form the support set's Jacobian once per step for the solves when it takes at most this many
+            MiB (40 products become matmuls: about 2x faster at IPC 10 on the CPU recipes); 0: always matrix-free.
+            Time and memory only, never the result.
         syn_optimizer: the outer optimiser; ``None`` is RCIG's AdaBelief at 3e-3 (``pytorch_optimizer.AdaBelief``).
         syn_scheduler: the outer schedule (RCIG: none).
         group_options: optimiser settings per meta-parameter group (``images``, ``labels``, ``temperature``).
@@ -131,6 +136,8 @@ class RCIG(DistillationMethod):
         ema_decay: float = 0.99,
         solve_chunk: int | None = None,
         syn_grad_batch: int | None = None,
+        real_grad_batch: int | None = None,
+        jacobian_mb: float = 1024.0,
         syn_optimizer: OptimizerCallable | None = None,
         syn_scheduler: LRSchedulerCallable | None = None,
         group_options: dict[str, dict[str, Any]] | None = None,
@@ -161,7 +168,9 @@ class RCIG(DistillationMethod):
                 raise ValueError(f"{name} must be 'adam' or 'cg', got {value!r}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 turns the EMA off), got {ema_decay}")
-        for name, value in (("solve_chunk", solve_chunk), ("syn_grad_batch", syn_grad_batch)):
+        for name, value in (
+            ("solve_chunk", solve_chunk), ("syn_grad_batch", syn_grad_batch), ("real_grad_batch", real_grad_batch)
+        ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive or null, got {value}")
         self.arch, self.arch_kwargs = arch, dict(arch_kwargs or {})
@@ -178,7 +187,10 @@ class RCIG(DistillationMethod):
         self.temperature_lr = temperature_lr
         self.label_margin, self.clip_implicit = label_margin, clip_implicit
         self.ema_decay = ema_decay
-        self.solve_chunk, self.syn_grad_batch = solve_chunk, syn_grad_batch
+        self.solve_chunk, self.syn_grad_batch, self.real_grad_batch = solve_chunk, syn_grad_batch, real_grad_batch
+        if jacobian_mb < 0:
+            raise ValueError(f"jacobian_mb must be >= 0 (0: never form the Jacobian), got {jacobian_mb}")
+        self.jacobian_mb = float(jacobian_mb)
         self.log_temperature = nn.Parameter(torch.zeros(()))
         self.pool: ModelPool | None = None
         self.pool_index = 0
@@ -230,6 +242,11 @@ class RCIG(DistillationMethod):
         return AdaBelief(groups, lr=3e-3, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0, rectify=False)
 
     # ------------------------------------------------------------------------------------- outer step
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # softplus(60x)/60 makes denormals by the million; flushing them made the pool network's passes ~2x faster.
+        with flush_denormals():
+            super().training_step(batch, batch_idx)
+
     def targets(self, y_syn: Tensor) -> Tensor:
         """Regression targets of the synthetic set: learned/soft labels as they are, hard ones as centred one-hot."""
         return y_syn if y_syn.ndim == 2 else centred_one_hot(y_syn, self.synthetic.num_classes).to(y_syn.device)
@@ -280,7 +297,9 @@ class RCIG(DistillationMethod):
             clip_implicit=self.clip_implicit,
             chunk=self.solve_chunk,
             syn_grad_batch=self.syn_grad_batch,
+            real_grad_batch=self.real_grad_batch,
             generator=self.generator,
+            jacobian_mb=self.jacobian_mb,
         )
 
     def outer_loss(self, x_syn: Tensor, y_syn: Tensor, x_real: Tensor, y_real: Tensor) -> MetaStep:
@@ -365,7 +384,9 @@ class RCIG(DistillationMethod):
         """
         net, params, buffers = self._network()
         x_sup, y_sup = support_set(x_syn.detach(), self.targets(y_syn.detach()), self.use_flip)
-        system = inner_system(net, params, buffers, x_sup, y_sup, self.ridge(), chunk=self.solve_chunk)
+        system = inner_system(
+            net, params, buffers, x_sup, y_sup, self.ridge(), chunk=self.solve_chunk, jacobian_mb=self.jacobian_mb
+        )
         report = {}
         if self.inner_solver == "adam":
 
