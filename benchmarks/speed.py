@@ -51,7 +51,7 @@ import lightning_distill.methods as methods_pkg  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.methods import DistillationMethod  # noqa: E402
 from lightning_distill.precision import PrecisionPolicy, bf16_probe  # noqa: E402
-from lightning_distill.runtime import ENV_VAR, tune_cpu_allocator  # noqa: E402
+from lightning_distill.runtime import ENV_VAR, flush_denormals, tune_cpu_allocator  # noqa: E402
 from lightning_distill.synthetic import PixelSet  # noqa: E402
 
 NUM_CLASSES = 10
@@ -130,8 +130,36 @@ def _apm(ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationM
     return method, {"smoke": 64}.get(profile, 256)
 
 
+def _rcig(ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int]:
+    """RCIG as in recipes/rcig/ (official: convnet_rcig 128/256/512, pool 30, 20 + 20 solver steps, real batch 1024;
+    cpu: width 32, real batch 256). The solver rates are fixed at typical tuned values (the one-off tuning before the
+    first step is not part of a step); ``timings`` gives the breakdown (inner, direct, hinv, implicit, pool)."""
+    from lightning_distill.methods import RCIG
+
+    width = {"official": {}, "cpu": {"width": 32}, "smoke": {"width": 8, "depth": 2}}[profile]
+    pool, steps = {"official": (30, 20), "cpu": (30, 20), "smoke": (2, 3)}[profile]
+    method = RCIG(
+        synthetic=PixelSet(ipc=ipc, labels="learned"),
+        arch_kwargs=width,
+        pool_size=pool,
+        inner_steps=steps,
+        hinv_steps=steps,
+        tune_lr=False,
+        inner_lr=1e-3,
+        hinv_lr=5.0,
+        precision=precision,
+    )
+    return method, {"official": 1024, "cpu": 256, "smoke": 64}[profile]
+
+
 # One line per method. A method missing here is still timed, built with its defaults around a PixelSet.
-CONSTRUCTORS: dict[str, Constructor] = {"FRePo": _frepo, "RandomSubset": _random_subset, "APM": _apm}
+CONSTRUCTORS: dict[str, Constructor] = {
+    "FRePo": _frepo,
+    "RandomSubset": _random_subset,
+    "APM": _apm,
+    "MemoriesBPTT": _memories_bptt,
+    "RCIG": _rcig,
+}
 
 
 def discover_methods() -> list[str]:
@@ -302,6 +330,7 @@ class Configuration:
         self.method, self.batch, self.built, self.device = method, batch, built, device
         self.named = method.named_meta_parameters()
         self.times: list[float] = []
+        self.phases: list[dict[str, float]] = []
         self.row: dict[str, Any] = {
             "method": name,
             "input": next(k for k, v in SHAPES.items() if v == shape),
@@ -330,17 +359,28 @@ class Configuration:
         method.after_outer_step(self.x_real, self.y_real)
 
     def timed_step(self) -> float:
-        """Milliseconds of one :meth:`step`, synchronised on both sides."""
+        """Milliseconds of one :meth:`step`, synchronised on both sides (and the method's own phase timings, if any)."""
         _sync(self.device)
         t = time.perf_counter()
-        self.step()
+        with flush_denormals(getattr(self.method, "flushes_denormals", False)):
+            self.step()
         _sync(self.device)
+        phases = getattr(self.method, "timings", None)
+        if isinstance(phases, dict) and phases:
+            self.phases.append({k: 1000 * v for k, v in phases.items()})
         return 1000 * (time.perf_counter() - t)
 
-    def flops(self) -> int:
-        """matmul/conv FLOPs of one step (forward and backward)."""
-        with FlopCounterMode(display=False) as counter:
-            self.step()
+    def flops(self) -> int | None:
+        """matmul/conv FLOPs of one step (forward and backward); ``None`` where the counter cannot follow the step.
+
+        FlopCounterMode tracks modules with autograd hooks, which fail on the dual tensors of forward-mode AD
+        (RCIG's linearised passes run under ``torch.func.jvp``): such rows report no FLOP rate.
+        """
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.step()
+        except (AttributeError, RuntimeError):
+            return None
         return counter.get_total_flops()
 
     def profile(self, top: int) -> list[dict[str, Any]]:
@@ -402,7 +442,10 @@ def measure_variants(
         flops = cfg.flops()
         median = statistics.median(cfg.times)
         row = {**cfg.row, "median_ms": median, "all_ms": cfg.times, "flops_per_step": flops}
-        row["gflops"] = flops / (median / 1000) / 1e9
+        if cfg.phases:  # a method that times its own phases (RCIG: inner, direct, hinv, implicit, pool)
+            timed = cfg.phases[1:] or cfg.phases  # the first entry is the warm-up step's
+            row["phases_ms"] = {k: statistics.median(p[k] for p in timed if k in p) for k in timed[-1]}
+        row["gflops"] = None if flops is None else flops / (median / 1000) / 1e9
         if profile_top:
             row["profile"] = cfg.profile(profile_top)
         rows.append(row)
@@ -474,11 +517,32 @@ def markdown(res: dict[str, Any]) -> str:
         vs = ""
         if compared:
             vs = f" {r['speedup_vs_first']:.2f}x |" if "speedup_vs_first" in r else " – |"
+        if r.get("gflops") is None:  # FLOPs not countable for this method (forward-mode AD)
+            flop_cells = "– | – | – |"
+        else:
+            flop_cells = (
+                f"{r['flops_per_step'] / 1e9:.2f} | {r['gflops']:.1f} | {100 * r['matmul_fraction']:.1f} % |"
+            )
         lines.append(
             f"| {r['method']} | {r['input']} | {r['ipc']} | {r['real_batch']} | {alloc} | {prec} "
-            f"| {r['median_ms']:.1f} |{vs} {r['peak_mb']:.0f} | {r['flops_per_step'] / 1e9:.2f} | {r['gflops']:.1f} "
-            f"| {100 * r['matmul_fraction']:.1f} % |"
+            f"| {r['median_ms']:.1f} |{vs} {r['peak_mb']:.0f} | {flop_cells}"
         )
+    phased = [r for r in res["rows"] if r.get("phases_ms")]
+    if phased:
+        names = list(dict.fromkeys(k for r in phased for k in r["phases_ms"]))
+        lines += [
+            "",
+            "### Where a step goes (the method's own phase timings, median ms)",
+            "",
+            "| method | input | IPC | precision | " + " | ".join(names) + " | step |",
+            "|---|---|---|---|" + "---|" * (len(names) + 1),
+        ]
+        for r in phased:
+            cells = " | ".join(f"{r['phases_ms'].get(k, float('nan')):.0f}" for k in names)
+            lines.append(
+                f"| {r['method']} | {r['input']} | {r['ipc']} | {r.get('precision_resolved', 'fp32')} | {cells} "
+                f"| {r['median_ms']:.0f} |"
+            )
     for r in res["rows"]:
         if r.get("profile"):
             lines += [
@@ -576,13 +640,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         continue
                     for r in measured:
                         r["allocator"] = alloc if a.device == "cpu" else "cuda caching"
-                        r["matmul_fraction"] = r["gflops"] / rate_of[r["precision_resolved"]]
+                        counted = r["gflops"] is not None
+                        r["matmul_fraction"] = r["gflops"] / rate_of[r["precision_resolved"]] if counted else None
                         rows.append(r)
                         vs = f", {r['speedup_vs_first']:.2f}x" if "speedup_vs_first" in r else ""
+                        rate = f"{r['gflops']:8.2f} GFLOP/s ({100 * r['matmul_fraction']:.1f} %)" if counted else "-"
                         print(
                             f"{name:14s} {r['input']:10s} IPC {ipc:3d} {r['allocator']:8s} "
                             f"{r['precision_resolved']:4s}: {r['median_ms']:9.1f} ms/step{vs}, {r['peak_mb']:7.0f} "
-                            f"MiB, {r['gflops']:8.2f} GFLOP/s ({100 * r['matmul_fraction']:.1f} %)",
+                            f"MiB, {rate}",
                             flush=True,
                         )
     res = {

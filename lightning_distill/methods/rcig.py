@@ -109,6 +109,9 @@ class RCIG(DistillationMethod):
             solves and implicit products always run in float32 (second-order maths).
     """
 
+    #: ``training_step`` runs with denormals flushed (benchmarks that call the hooks directly do the same).
+    flushes_denormals: bool = True
+
     def __init__(
         self,
         synthetic: SyntheticSet,
