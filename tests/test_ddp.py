@@ -29,6 +29,10 @@ DDP = {
     ("random", "pixels_hard"): "no_gradient",
     ("frepo", "pixels_learned"): "equal",
     ("toy_gradients", "pixels_hard"): "mean_of_shards",
+    # RCIG's ready gradients are averaged over the ranks. The temperature's (a direct term, a mean over the real
+    # batch) equals the union batch's; the set's carry the implicit term, whose Adam inverse-HVP solve and clip are
+    # not linear in the real batch, so their average differs from the union batch's gradient.
+    ("rcig", "pixels_learned"): "implicit",
 }
 
 
@@ -56,7 +60,7 @@ def test_one_ddp_step(combo, expected, data_root, tmp_path):
     ddp, single = result["ddp"], result["single"]
     assert set(ddp) == set(single)
     for n in ddp:
-        if expected == "equal":
+        if expected == "equal" or (expected == "implicit" and n == "log_temperature"):
             torch.testing.assert_close(ddp[n], single[n], rtol=1e-4, atol=1e-6, msg=n)
         else:
             assert not torch.allclose(ddp[n], single[n], rtol=1e-4, atol=1e-6), n

@@ -18,6 +18,12 @@ def test_recipe_layout():
     cells += ["frepo/tiny_imagenet_ipc1.yaml", "frepo/tiny_imagenet_ipc10.yaml"]
     cells += [f"frepo/{d}_ipc{k}_cpu.yaml" for d in ("mnist", "fashion_mnist") for k in (1, 10)]
     assert set(cells) <= frepo
+    rcig = {n for n in names if n.startswith("rcig/")}
+    cells = [f"rcig/{d}_ipc{k}.yaml" for d in ("mnist", "fashion_mnist", "cifar10", "cifar100") for k in (1, 10, 50)]
+    cells += [f"rcig/tiny_imagenet_ipc{k}.yaml" for k in (1, 10)] + [f"rcig/imagenet64_ipc{k}.yaml" for k in (1, 2)]
+    cells += [f"rcig/{d}_ipc{k}.yaml" for d in ("imagenette", "imagewoof") for k in (1, 10)]
+    cells += [f"rcig/{d}_ipc{k}_cpu.yaml" for d in ("mnist", "fashion_mnist") for k in (1, 10)]
+    assert set(cells) <= rcig
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -45,6 +45,16 @@ KILL_RESUME: dict[str, tuple[str, list[str]]] = {
             "--model.init_args.online_batch=64",
         ],
     ),
+    "rcig": (
+        "recipes/rcig/mnist_ipc1_cpu.yaml",
+        [
+            '--model.init_args.arch_kwargs={"width": 8, "depth": 2}',
+            "--model.init_args.pool_size=2",
+            "--model.init_args.inner_steps=3",
+            "--model.init_args.hinv_steps=3",
+            "--data.init_args.batch_size=64",
+        ],
+    ),
 }
 STEPS, KILL_AFTER = 6, 3
 
