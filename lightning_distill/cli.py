@@ -2,7 +2,7 @@
 
 A job of its own becomes a subcommand with one call, and ``main`` stays as it is::
 
-    register_command("teachers", "train the teacher pool of APM", "lightning_distill.methods.apm:teachers_main")
+    register_command("hello", "print a greeting", "mypackage.commands:hello_main")
 
 ``fn`` (a callable or a lazily imported ``"module:function"``) receives the arguments after the command's name.
 """
