@@ -162,7 +162,7 @@ def test_resume_check_of_results_run_by_hand(tmp_path: Path) -> None:
 
 def test_only_selects_by_recipe_path_and_rejects_no_match(tmp_path: Path) -> None:
     env = {**os.environ}
-    p = _suite(tmp_path, env, "--matrix", "cpu", "--only", "/mnist_ipc10", "--dry-run")
+    p = _suite(tmp_path, env, "--matrix", "cpu", "--only", "frepo/mnist_ipc10", "--dry-run")
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
     assert len(lines) == 1 and "recipes/frepo/mnist_ipc10_cpu_lr3e-3.yaml" in lines[0]  # not fashion_mnist's

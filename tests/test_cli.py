@@ -223,7 +223,7 @@ def test_evaluate_options_come_from_the_signature(tmp_path, monkeypatch, capsys)
         (["--new_option", "seven"], "--new_option: expected int"),
         (["--protocol", '{"arch": "mlp"}'], "--protocol: "),
         (["--arch", "nonet"], "unknown architecture nonet; choose from"),
-        (["--protocol", "nope"], "unknown evaluation protocol 'nope'; choose one of dc, krr, mine"),
+        (["--protocol", "nope"], f"unknown evaluation protocol 'nope'; choose one of {', '.join(sorted(PROTOCOLS))}"),
         (["--repeats", "0"], "--repeats must be at least 1"),
         ([], "give the distilled set"),
     ]:

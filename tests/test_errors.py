@@ -101,7 +101,7 @@ def test_bad_recipes_say_one_line(change, message, tmp_path, data_root, capsys):
         (["--model.init_args.synthetic.init_args.ipcc=1"], "model.init_args.synthetic.init_args.ipcc: no such option"),
         (
             ["--model.class_path=lightning_distill.methods.FRePoo"],
-            "model: no class lightning_distill.methods.FRePoo to import; known: lightning_distill.methods.FRePo, ",
+            "model: no class lightning_distill.methods.FRePoo to import; known: lightning_distill.methods.APM, ",
         ),
         (["--data=lightning_distill.data.MNISTDataModul"], "data: no class lightning_distill.data.MNISTDataModul "),
         (["--trainer.max_steps=abc"], "--trainer.max_steps: expected int"),
