@@ -83,7 +83,26 @@ def linearised_forward(
     return feats, u
 
 
-class LinearisedNet:
+class _Linearised:
+    """What both linearised-network forms share: the base parameters, the tangent layout and its size."""
+
+    def _setup(self, params: Mapping[str, Tensor], head: str, chunk: int | None) -> None:
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be positive or None, got {chunk}")
+        self.w_name, self.b_name = head_names(head)
+        self.keys = tangent_keys(params, head)
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.body_keys = [k for k in self.keys if k != self.b_name]
+        self.w0 = self.params[self.w_name]
+        self.sizes = [self.params[k].numel() for k in self.keys]
+
+    @property
+    def num_tangents(self) -> int:
+        """Length of a flat tangent vector."""
+        return sum(self.sizes)
+
+
+class LinearisedNet(_Linearised):
     """The linearised network on a fixed batch, for the matrix-free products the RCIG solves repeat.
 
     Holds the frozen features ``φ0(x)`` and a reverse-mode closure of the feature map at θ0 (one forward, kept), so
@@ -106,13 +125,7 @@ class LinearisedNet:
         head: str = "classifier",
         chunk: int | None = None,
     ) -> None:
-        if chunk is not None and chunk < 1:
-            raise ValueError(f"chunk must be positive or None, got {chunk}")
-        self.w_name, self.b_name = head_names(head)
-        self.keys = tangent_keys(params, head)
-        self.params = {k: v.detach() for k, v in params.items()}
-        self.body_keys = [k for k in self.keys if k != self.b_name]
-        self.w0 = self.params[self.w_name]
+        self._setup(params, head, chunk)
         x = x.detach()
         step = len(x) if chunk is None else chunk
         self._chunks = []
@@ -125,12 +138,6 @@ class LinearisedNet:
             self._chunks.append((fn, pull, i, min(i + step, len(x))))
             feats.append(f.detach())
         self.features = torch.cat(feats) if feats else x.new_zeros(0, self.w0.shape[1])
-        self.sizes = [self.params[k].numel() for k in self.keys]
-
-    @property
-    def num_tangents(self) -> int:
-        """Length of a flat tangent vector."""
-        return sum(self.sizes)
 
     def _split(self, v: Tensor) -> dict[str, Tensor]:
         return {k: p.view_as(self.params[k]) for k, p in zip(self.keys, torch.split(v, self.sizes), strict=True)}
@@ -155,7 +162,7 @@ class LinearisedNet:
         return torch.cat([grads[k].reshape(-1) for k in self.keys])
 
 
-class JacobianLinearisedNet:
+class JacobianLinearisedNet(_Linearised):
     """:class:`LinearisedNet` with the Jacobian formed once: every later ``J v`` and ``Jᵀ r`` is one matmul.
 
     ``J`` (``B·C × P`` floats for ``B`` images, ``C`` outputs, ``P`` tangent parameters) is built by per-sample
@@ -180,11 +187,7 @@ class JacobianLinearisedNet:
     ) -> None:
         from torch.func import jacrev, vmap
 
-        self.w_name, self.b_name = head_names(head)
-        self.keys = tangent_keys(params, head)
-        self.params = {k: v.detach() for k, v in params.items()}
-        self.body_keys = [k for k in self.keys if k != self.b_name]
-        self.w0 = self.params[self.w_name]
+        self._setup(params, head, chunk)
         fixed = {k: v for k, v in self.params.items() if k not in self.body_keys}
         x = x.detach()
 
@@ -205,13 +208,6 @@ class JacobianLinearisedNet:
         self.jacobian = torch.cat(rows).reshape(-1, rows[0].shape[2]) if rows else x.new_zeros(0, 0)  # (B·C, P_body)
         self.features = torch.cat(feats) if feats else x.new_zeros(0, self.w0.shape[1])
         self.num_classes = c
-        self.sizes = [self.params[k].numel() for k in self.keys]
-        self._body_size = sum(self.params[k].numel() for k in self.body_keys)
-
-    @property
-    def num_tangents(self) -> int:
-        """Length of a flat tangent vector."""
-        return sum(self.sizes)
 
     def _bias_slice(self, v: Tensor) -> Tensor:
         # The flat order is the network's (tangent_keys); the last layer's bias is the final entry of that order.
