@@ -337,7 +337,7 @@ def meta_gradient(
         "acc": float((pred.detach().argmax(1) == y_real).float().mean()),
         "temperature": float(log_temperature.detach().exp()),
         "inner_loss_start": sol_in.losses[0] + system.const if sol_in.losses else float("nan"),
-        "inner_loss": system.loss(sol_in.x),
+        "inner_loss": sol_in.losses[-1] + system.const if sol_in.losses else float("nan"),
         "inner_residual": sol_in.residual,
         "hinv_residual": sol_h.residual,
     }
