@@ -129,6 +129,7 @@ def main() -> None:
         "ipc": ipc,
         "steps": steps,
         "max_steps": cli.trainer.max_steps,
+        "horizon": method.config()["horizon"],  # the step horizon and how it was chosen (a TimeBudget says)
         "distill_minutes": distil_s / 60,
         "teacher_minutes": teacher_s / 60,
         "cell_minutes": cell_s / 60,

@@ -155,6 +155,7 @@ def main() -> None:
         "ipc": ipc,
         "steps": steps,
         "max_steps": cli.trainer.max_steps,  # the cosine horizon, so a resumed suite can tell budgets apart
+        "horizon": method.config()["horizon"],  # the step horizon and how it was chosen (a TimeBudget says)
         "distill_minutes": distil_s / 60,
         "ms_per_step": 1000 * distil_s / max(steps, 1),
         "skipped_steps": method.skipped_steps,

@@ -101,6 +101,8 @@ def _inconsistencies(r: dict[str, Any], cell: Cell) -> list[str]:
         if len(r["curve"]) > b.curve:  # fewer is possible: a run that reaches its step horizon early snapshots less
             out.append(f"{len(r['curve'])} curve points for --curve {b.curve}")
         horizon = b.max_steps or recipe_horizon(cell.path)
+        if horizon is not None and horizon <= 0:
+            horizon = None  # a recipe with a TimeBudget: the run chose its horizon (recorded as max_steps)
         steps, minutes = r["steps"], r["distill_minutes"]
         if "max_steps" in r and horizon is not None and r["max_steps"] != horizon:
             out.append(f"cosine horizon {r['max_steps']} steps, not {horizon}")

@@ -36,6 +36,7 @@ from lightning_distill.functional.apm import (
 )
 from lightning_distill.methods.base import DistillationMethod, MetaStep
 from lightning_distill.nets import get_net, seeded_net
+from lightning_distill.optim import StepDecay
 from lightning_distill.precision import PrecisionMode
 from lightning_distill.synthetic.base import DistilledView, SyntheticSet
 
@@ -230,11 +231,15 @@ class APM(DistillationMethod):
         return torch.optim.SGD(groups, lr=self.lr_img, momentum=self.momentum_img)
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer) -> Any | None:
-        """APM's schedule: ``lr_img`` x``lr_img_decay`` (0.3) from half of ``trainer.max_steps`` on."""
+        """APM's schedule: ``lr_img`` x``lr_img_decay`` (0.3) from half of the run's horizon on.
+
+        The horizon is ``trainer.max_steps``, or the one a :class:`~lightning_distill.callbacks.TimeBudget` chooses;
+        a run with neither (only ``max_time``) keeps ``lr_img`` constant.
+        """
         horizon = self.trainer.max_steps if self._trainer is not None else -1
         if horizon is None or horizon < 2:
             return None
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[horizon // 2], gamma=self.lr_img_decay)
+        return StepDecay(optimizer, fractions=(0.5,), gamma=self.lr_img_decay)
 
     # ------------------------------------------------------------------------------------------- students
     def student_seed_protocol(self, n: int) -> tuple[Any, int, list[int]]:

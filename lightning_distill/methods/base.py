@@ -136,6 +136,7 @@ class DistillationMethod(L.LightningModule):
         self.generator = torch.Generator().manual_seed(seed)
         self.data_info: dict[str, Any] = {}
         self.skipped_steps = 0
+        self.horizon: dict[str, Any] | None = None  # set by set_horizon (a time budget); else max_steps
         self.max_consecutive_skips = max_consecutive_skips
         self.consecutive_skips = 0
         self._set_ready = False
@@ -286,6 +287,24 @@ class DistillationMethod(L.LightningModule):
         if hasattr(sched, "set_horizon"):
             sched.set_horizon(self.trainer.max_steps if self._trainer is not None else None)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def set_horizon(self, total_steps: int, source: str = "max_steps") -> None:
+        """Give every schedule that takes its length from the run a new horizon (and record it for the export).
+
+        :class:`~lightning_distill.callbacks.TimeBudget` calls this once it has measured the step time; a method
+        whose own work depends on the horizon (a decay point, a reset period) extends it.
+
+        Args:
+            total_steps: the run's outer steps.
+            source: how it was chosen, recorded in exports (``"max_steps"``, ``"time budget: ..."``).
+        """
+        self.horizon = {"steps": int(total_steps), "source": source}
+        if self._trainer is None:
+            return
+        scheds = self.lr_schedulers()
+        for sched in scheds if isinstance(scheds, list) else [scheds]:
+            if sched is not None and hasattr(sched, "set_horizon"):
+                sched.set_horizon(int(total_steps))
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The torch param groups the meta-optimiser receives: :meth:`meta_parameter_groups` with ``group_options``.
@@ -453,6 +472,10 @@ class DistillationMethod(L.LightningModule):
         hp = {k: _plain(v) for k, v in self.hparams.items()}
         hp["synthetic"] = {"class": type(self.synthetic).__name__, "repr": self.synthetic.extra_repr()}
         hp["precision_resolved"] = self.network_precision.dtype
+        horizon = self.horizon
+        if horizon is None and self._trainer is not None and self.trainer.max_steps > 0:
+            horizon = {"steps": int(self.trainer.max_steps), "source": "max_steps"}
+        hp["horizon"] = horizon
         return hp
 
 
