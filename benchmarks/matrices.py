@@ -115,6 +115,10 @@ SMOKE_BUDGET = Budget(minutes=1, max_steps=2, repeats=1, krr_arch_kwargs={"width
 # network. These cells train every network for 500 steps (--eval-steps, random real's too: half its dc length at
 # budget 1), 2 networks each: ~45 minutes of evaluation per cell. The paper's protocol is run apart on the export:
 # lightning-distill evaluate runs/bench/<cell>/distilled.pt --protocol rtp.
+# FRePo under the precision policy (bf16 where the CPU has it) with a TimeBudget: the recipe chooses its own horizon
+# from the measured step time (28 minutes of fit), so the cell passes no --max-steps; the evaluation as CPU_BUDGET's.
+CPU_BF16_BUDGET = Budget(minutes=30, repeats=5, krr_arch_kwargs={"width": 64}, curve=3)
+CPU_BF16_BUDGET_IPC10 = Budget(minutes=30, repeats=2, random_repeats=1, krr_arch_kwargs={"width": 64}, curve=0)
 MEMORIES_CPU_BUDGET = Budget(
     minutes=30, max_steps=900, repeats=2, krr_arch_kwargs={"width": 64}, eval_steps=500, curve=0
 )
@@ -143,6 +147,13 @@ MATRICES: dict[str, Matrix] = {
             + _cells("frepo", ["mnist", "fashion_mnist"], [10], "_cpu_lr3e-3", CPU_BUDGET_IPC10)
             + _cells("rcig", ["mnist", "fashion_mnist"], [1], "_cpu", RCIG_CPU_BUDGET)
             + _cells("rcig", ["mnist", "fashion_mnist"], [10], "_cpu", RCIG_CPU_BUDGET_IPC10),
+        ),
+        Matrix(
+            "cpu-bf16",
+            "FRePo's CPU recipes under the precision policy (bf16 where the CPU has it) with the paper's pool network "
+            "and real batch, and a 28-minute TimeBudget choosing the horizon, MNIST and Fashion-MNIST at IPC 1 and 10",
+            _cells("frepo", ["mnist", "fashion_mnist"], [1], "_cpu_bf16", CPU_BF16_BUDGET)
+            + _cells("frepo", ["mnist", "fashion_mnist"], [10], "_cpu_bf16", CPU_BF16_BUDGET_IPC10),
         ),
         Matrix(
             "cpu-paper-lr",
