@@ -51,7 +51,7 @@ def test_horizon_from_the_measured_step_time(data_root, tmp_path, monkeypatch):
 
     assert trainer.global_step == 30 and trainer.max_steps == 30
     assert budget.plan["horizon"] == 30 and budget.plan["seconds_per_step"] == pytest.approx(1.0)
-    assert budget.plan["measured_steps"] == [1, 4] and not budget.plan["capped_by_max_steps"]
+    assert budget.plan["measured_steps"] == [2, 4] and not budget.plan["capped_by_max_steps"]
     sched = method.lr_schedulers()
     assert isinstance(sched, CosineDecay) and sched.total_steps == 30
     # The rate ends where a 30-step cosine ends: the schedule follows the chosen horizon, not the provisional one.

@@ -117,7 +117,7 @@ class TimeBudget(Callback):
             "minutes": self.minutes,
             "horizon": horizon,
             "seconds_per_step": seconds_per_step,
-            "measured_steps": [step - len(self._times), step],
+            "measured_steps": [step - len(self._times) + 1, step],  # the first and last step timed
             "elapsed_at_plan_s": elapsed,
             "capped_by_max_steps": self._cap is not None and horizon == self._cap,
         }
