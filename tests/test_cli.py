@@ -76,6 +76,15 @@ def test_fit_export_evaluate(data_root, tmp_path, capsys):
             main([*args, "--arch-kwargs", bad])
         assert "--arch-kwargs must be a JSON object" in capsys.readouterr().err
 
+    # --precision reaches the networks and is recorded (bf16 forced: it runs on any CPU, only slower without AMX).
+    bf16 = ["--arch-kwargs", '{"width": 8}', "--precision", "bf16", "--no-progress", "--output", str(tmp_path / "b")]
+    main([*args, *bf16])
+    (r,) = json.loads((tmp_path / "b").read_text())["results"]
+    assert r["extra"]["precision"]["resolved"] == "bf16"
+    with pytest.raises(SystemExit):
+        main([*args, "--precision", "fp16"])
+    assert "--precision" in capsys.readouterr().err
+
 
 def test_wandb_offline_run(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_distill.eval.protocols import NO_FLIP_DATASETS, Protocol, get_protocol
 from lightning_distill.eval.train import EvalResult, train_on_distilled
 from lightning_distill.export import load_distilled
+from lightning_distill.precision import PrecisionMode
 
 #: What every network constructor receives from the evaluation itself; never a user's option.
 _NET_SHAPE_ARGS = frozenset({"in_channels", "num_classes", "image_size"})
@@ -224,6 +225,7 @@ def evaluate_distilled(
     device: str | None = None,
     progress: bool = True,
     arch_kwargs: dict[str, Any] | None = None,
+    precision: PrecisionMode = "fp32",
 ) -> EvalResult:
     """Train ``repeats`` fresh networks on the set in ``path`` and test them on its dataset's test split.
 
@@ -244,6 +246,8 @@ def evaluate_distilled(
         device: ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when available).
         progress: show a progress bar.
         arch_kwargs: network options, merged over the protocol's own (e.g. ``{"width": 64}``).
+        precision: the networks' passes: ``fp32`` (the protocols' published figures), ``bf16`` (autocast,
+            channels-last) or ``auto`` (bf16 where the device has it fast); recorded in the result.
     """
     # Everything that would make the numbers meaningless is refused here, before a network is trained.
     check_device(device)
@@ -268,6 +272,7 @@ def evaluate_distilled(
         device=device,
         progress=progress,
         arch_kwargs=arch_kwargs,
+        precision=precision,
     )
     result.extra.update(
         path=str(path),
