@@ -18,6 +18,7 @@ a capped ``ATEN_CPU_CAPABILITY``) stays in float32.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ __all__ = [
     "FP32",
     "Bf16Probe",
     "NetworkPrecision",
+    "PRECISION_ENV",
     "PrecisionMode",
     "PrecisionPolicy",
     "ResolvedPrecision",
     "bf16_probe",
     "clear_probe_cache",
     "cpu_bf16_instructions",
+    "default_precision",
     "read_cpu_flags",
 ]
 
@@ -45,6 +48,10 @@ __all__ = [
 PrecisionMode = Literal["auto", "fp32", "bf16"]
 #: What a policy resolves to on a device.
 ResolvedPrecision = Literal["fp32", "bf16"]
+
+#: The environment variable that sets the precision of a method whose recipe states none (``fp32``, ``bf16`` or
+#: ``auto``; unset: ``auto``). A cluster that wants float32 everywhere sets it once; the test suite sets ``fp32``.
+PRECISION_ENV = "LIGHTNING_DISTILL_PRECISION"
 
 #: bf16 must run the probe matmul at least this many times faster than float32 for ``auto`` to choose it: below
 #: that the rounding of every activation is not worth it (and a noisy tie must not flip a run's precision).
@@ -70,6 +77,21 @@ def read_cpu_flags() -> frozenset[str] | None:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def default_precision() -> PrecisionMode:
+    """The mode of a method given no ``precision``: ``$LIGHTNING_DISTILL_PRECISION``, else ``auto``.
+
+    Raises:
+        ValueError: the variable holds something other than ``fp32``, ``bf16`` or ``auto``.
+    """
+    value = os.environ.get(PRECISION_ENV, "").strip().lower() or "auto"
+    if value not in get_args(PrecisionMode):
+        raise ValueError(
+            f"{PRECISION_ENV}={os.environ.get(PRECISION_ENV)!r} is not a precision: set it to "
+            f"{', '.join(get_args(PrecisionMode))}, or unset it for auto"
+        )
+    return value  # type: ignore[return-value]
 
 
 def _torch_cpu_bf16_instructions() -> tuple[str, ...]:
@@ -315,13 +337,16 @@ class PrecisionPolicy:
     """The requested mode of network passes; :meth:`resolve` decides it for a device.
 
     Args:
-        mode: ``fp32`` (always float32), ``bf16`` (always bf16 autocast, even where it is slow or emulated) or
-            ``auto`` (bf16 where :func:`bf16_probe` finds the instructions and measures them fast, else float32).
+        mode: ``fp32`` (always float32), ``bf16`` (always bf16 autocast, even where it is slow or emulated),
+            ``auto`` (bf16 where :func:`bf16_probe` finds the instructions and measures them fast, else float32), or
+            ``None`` for :func:`default_precision` (``$LIGHTNING_DISTILL_PRECISION``, else ``auto``).
     """
 
-    mode: PrecisionMode = "fp32"
+    mode: PrecisionMode | None = "fp32"
 
     def __post_init__(self) -> None:
+        if self.mode is None:
+            object.__setattr__(self, "mode", default_precision())
         if self.mode not in get_args(PrecisionMode):
             raise ValueError(f"precision must be one of {', '.join(get_args(PrecisionMode))}, got {self.mode!r}")
 

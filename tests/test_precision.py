@@ -209,7 +209,25 @@ def test_precision_is_recorded_in_the_config():
     assert _frepo("fp32")[0].config()["precision_resolved"] == "fp32"
     cfg = _frepo("bf16")[0].config()
     assert cfg["precision"] == "bf16" and cfg["precision_resolved"] == "bf16"
-    assert FRePo(synthetic=PixelSet(ipc=1)).hparams["precision"] == "fp32"  # the default keeps figures bitwise
+    assert cfg["precision_requested"] == "bf16"
+
+
+def test_the_default_is_the_environment_else_auto(monkeypatch):
+    from lightning_distill.methods import MemoriesBPTT, RandomSubset
+
+    monkeypatch.delenv(prec.PRECISION_ENV, raising=False)
+    assert prec.default_precision() == "auto" and PrecisionPolicy(None).mode == "auto"
+    method = FRePo(synthetic=PixelSet(ipc=1))
+    assert method.hparams["precision"] is None and method.precision_policy.mode == "auto"
+    # Methods whose passes must stay float32 (an exact reverse pass) or that have none pin it whatever the default.
+    assert MemoriesBPTT(synthetic=PixelSet(ipc=1)).precision_policy.mode == "fp32"
+    assert RandomSubset(synthetic=PixelSet(ipc=1)).precision_policy.mode == "fp32"
+    monkeypatch.setenv(prec.PRECISION_ENV, " BF16 ")
+    assert FRePo(synthetic=PixelSet(ipc=1)).precision_policy.mode == "bf16"
+    assert FRePo(synthetic=PixelSet(ipc=1), precision="fp32").precision_policy.mode == "fp32"  # a recipe wins
+    monkeypatch.setenv(prec.PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match="LIGHTNING_DISTILL_PRECISION='fp16' is not a precision"):
+        FRePo(synthetic=PixelSet(ipc=1))
 
 
 def test_fp32_pool_passes_are_bitwise_the_policy_free_ones():

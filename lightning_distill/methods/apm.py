@@ -91,7 +91,8 @@ class APM(DistillationMethod):
         max_consecutive_skips: stop after this many non-finite outer steps in a row (0: never).
         seed: seeds initialisation, subsets, teacher draws and students.
         precision: precision of the network passes (students' training, the image update): ``fp32``, ``bf16``,
-            ``auto``; gradients accumulate in the set's dtype.
+            ``auto``, or ``None`` for ``$LIGHTNING_DISTILL_PRECISION`` else ``auto``; gradients accumulate in the
+            set's dtype.
     """
 
     materialise_set = False
@@ -123,7 +124,7 @@ class APM(DistillationMethod):
         group_options: dict[str, dict[str, Any]] | None = None,
         max_consecutive_skips: int = 20,
         seed: int = 0,
-        precision: PrecisionMode = "fp32",
+        precision: PrecisionMode | None = None,
     ) -> None:
         super().__init__(
             synthetic=synthetic,

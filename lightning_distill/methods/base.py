@@ -93,9 +93,10 @@ class DistillationMethod(L.LightningModule):
             that the set and the method's networks stay replicated; the real batches differ by rank.
         precision: precision of the method's network passes (:mod:`lightning_distill.precision`): ``fp32``,
             ``bf16`` (autocast + channels-last), or ``auto`` (bf16 where the device has fast bf16, checked by a
-            measurement at start-up). Kernel matrices, solves and gradient accumulations stay float32/float64
-            whatever it says. Resolved once per device (rank 0 decides under DDP), logged at fit start and
-            recorded as ``precision_resolved`` in :meth:`config`.
+            measurement at start-up); ``None`` (the default) means ``$LIGHTNING_DISTILL_PRECISION``, else
+            ``auto``. Kernel matrices, solves and gradient accumulations stay float32/float64 whatever it says.
+            Resolved once per device (rank 0 decides under DDP), logged at fit start and recorded as
+            ``precision_requested`` and ``precision_resolved`` in :meth:`config`.
     """
 
     #: Whether the method learns the synthetic set (the random baseline does not).
@@ -113,9 +114,7 @@ class DistillationMethod(L.LightningModule):
         augment: nn.Module | None = None,
         max_consecutive_skips: int = 20,
         seed: int = 0,
-        # "fp32" for now so that every recorded figure stays bitwise reproducible; the issue wants "auto" as the
-        # default once the accuracy matrix has been re-run under the policy (the lead decides; recipes may opt in).
-        precision: PrecisionMode = "fp32",
+        precision: PrecisionMode | None = None,
     ) -> None:
         super().__init__()
         if (
@@ -471,6 +470,7 @@ class DistillationMethod(L.LightningModule):
         """The method's configuration, recorded in exports (plain values only)."""
         hp = {k: _plain(v) for k, v in self.hparams.items()}
         hp["synthetic"] = {"class": type(self.synthetic).__name__, "repr": self.synthetic.extra_repr()}
+        hp["precision_requested"] = self.precision_policy.mode
         hp["precision_resolved"] = self.network_precision.dtype
         horizon = self.horizon
         if horizon is None and self._trainer is not None and self.trainer.max_steps > 0:

@@ -52,7 +52,8 @@ class FRePo(DistillationMethod):
         max_consecutive_skips: stop after this many non-finite outer steps in a row (0: never).
         seed: seeds initialisation, the pool and the pool-model choice.
         precision: precision of the pool's network passes (real and synthetic features, online steps): ``fp32``,
-            ``bf16`` or ``auto`` (see :class:`~lightning_distill.methods.base.DistillationMethod`); the kernel
+            ``bf16``, ``auto``, or ``None`` for ``$LIGHTNING_DISTILL_PRECISION`` else ``auto`` (see
+            :class:`~lightning_distill.methods.base.DistillationMethod`); the kernel
             regression is solved in float32 (float64 on fallback) whatever it says.
     """
 
@@ -72,7 +73,7 @@ class FRePo(DistillationMethod):
         group_options: dict[str, dict[str, Any]] | None = None,
         max_consecutive_skips: int = 20,
         seed: int = 0,
-        precision: PrecisionMode = "fp32",
+        precision: PrecisionMode | None = None,
     ) -> None:
         super().__init__(
             synthetic=synthetic,

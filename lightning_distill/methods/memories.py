@@ -114,6 +114,7 @@ class MemoriesBPTT(DistillationMethod):
             augment=augment,
             max_consecutive_skips=max_consecutive_skips,
             seed=seed,
+            precision="fp32",  # the reverse pass rebuilds each step's graph: exact only when the passes are float32
         )
         if arch not in list_nets():
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(list_nets())}")

@@ -24,7 +24,7 @@ class RandomSubset(DistillationMethod):
     learns = False
 
     def __init__(self, synthetic: SyntheticSet, seed: int = 0) -> None:
-        super().__init__(synthetic=synthetic, seed=seed)
+        super().__init__(synthetic=synthetic, seed=seed, precision="fp32")  # no network passes
 
     def outer_loss(self, x_syn: Tensor, y_syn: Tensor, x_real: Tensor, y_real: Tensor) -> MetaStep | None:
         return None

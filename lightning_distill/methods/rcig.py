@@ -105,7 +105,8 @@ class RCIG(DistillationMethod):
         group_options: optimiser settings per meta-parameter group (``images``, ``labels``, ``temperature``).
         max_consecutive_skips: stop after this many non-finite outer steps in a row (0: never).
         seed: seeds initialisation, the pool, the pool-model choice and the subsampling.
-        precision: precision of the pool's training passes (``fp32``, ``bf16``, ``auto``); the linearised passes,
+        precision: precision of the pool's training passes (``fp32``, ``bf16``, ``auto``; ``None``:
+            ``$LIGHTNING_DISTILL_PRECISION``, else ``auto``); the linearised passes,
             solves and implicit products always run in float32 (second-order maths).
     """
 
@@ -146,7 +147,7 @@ class RCIG(DistillationMethod):
         group_options: dict[str, dict[str, Any]] | None = None,
         max_consecutive_skips: int = 20,
         seed: int = 0,
-        precision: PrecisionMode = "fp32",
+        precision: PrecisionMode | None = None,
     ) -> None:
         super().__init__(
             synthetic=synthetic,
