@@ -78,6 +78,10 @@ def main() -> None:
         )
         print(table(results), flush=True)
         entries.append({"recipe": recipe, "summary": summarise(results), "runs": [r.to_dict() for r in results]})
+        # A whole protocol takes up to hours on a CPU: keep each recipe's curves as soon as they exist.
+        partial = out / f"{a.name or 'continual_' + entries[0]['runs'][0]['config']['dataset']}.partial.json"
+        with atomic_path(partial) as tmp:
+            tmp.write_text(json.dumps({"stamp": stamp(), "entries": entries}, indent=2))
     dataset = entries[0]["runs"][0]["config"]["dataset"]
     stem = a.name or f"continual_{dataset}"
     res = {"stamp": stamp(), "entries": entries}
@@ -85,6 +89,7 @@ def main() -> None:
         tmp.write_text(json.dumps(res, indent=2))
     (out / f"{stem}.md").write_text(markdown(res))
     plot(res, out / f"{stem}.png")
+    (out / f"{stem}.partial.json").unlink(missing_ok=True)
     print(markdown(res))
 
 
