@@ -220,8 +220,8 @@ def cell_rows(r: dict[str, Any], path: Path) -> list[Row]:
     common = {"dataset": r["dataset"], "ipc": r["ipc"], "stamp": r["stamp"], "source": source, "recipe": recipe_name}
     ours = Row(
         method=r["method"],
-        krr=r["distilled"]["krr"],
-        dc=r["distilled"]["dc"],
+        krr=r["distilled"].get("krr"),  # an APM cell may score apm and dc only
+        dc=r["distilled"].get("dc"),
         paper=tuple(r["paper"]) if r.get("paper") else None,
         paper_protocol="krr",
         steps=r["steps"],
@@ -233,14 +233,14 @@ def cell_rows(r: dict[str, Any], path: Path) -> list[Row]:
         ours.notes.append(f"{r['skipped_steps']} skipped steps")
     rand = Row(
         method=RANDOM,
-        krr=r["random"]["krr"],
-        dc=r["random"]["dc"],
+        krr=r["random"].get("krr"),
+        dc=r["random"].get("dc"),
         paper=tuple(r["random_paper_dc"]) if r.get("random_paper_dc") else None,
         paper_protocol="dc",
         **common,
     )
     for row in (ours, rand):
-        row.notes += [n for res in (row.krr, row.dc) for n in _eval_notes(res)]
+        row.notes += [n for res in (row.krr, row.dc) if res is not None for n in _eval_notes(res)]
     return [ours, rand]
 
 
