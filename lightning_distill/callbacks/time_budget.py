@@ -81,9 +81,9 @@ class TimeBudget(Callback):
             self._apply(trainer, pl_module, resumed=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        now = time.monotonic()
         if self.plan is not None:
-            return
+            return  # planned (or resumed with a plan): nothing more to time
+        now = time.monotonic()
         if self._last is not None and trainer.global_step > self.skip_steps:
             self._times.append(now - self._last)
         self._last = now
