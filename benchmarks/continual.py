@@ -78,12 +78,10 @@ def main() -> None:
         )
         print(table(results), flush=True)
         entries.append({"recipe": recipe, "summary": summarise(results), "runs": [r.to_dict() for r in results]})
+        stem = a.name or f"continual_{entries[0]['runs'][0]['config']['dataset']}"
         # A whole protocol takes up to hours on a CPU: keep each recipe's curves as soon as they exist.
-        partial = out / f"{a.name or 'continual_' + entries[0]['runs'][0]['config']['dataset']}.partial.json"
-        with atomic_path(partial) as tmp:
+        with atomic_path(out / f"{stem}.partial.json") as tmp:
             tmp.write_text(json.dumps({"stamp": stamp(), "entries": entries}, indent=2))
-    dataset = entries[0]["runs"][0]["config"]["dataset"]
-    stem = a.name or f"continual_{dataset}"
     res = {"stamp": stamp(), "entries": entries}
     with atomic_path(out / f"{stem}.json") as tmp:
         tmp.write_text(json.dumps(res, indent=2))
