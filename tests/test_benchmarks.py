@@ -290,3 +290,21 @@ def test_cross_arch_table_plot_and_resume(data_root: Path, tmp_path: Path) -> No
     assert len(old_digests) == 1 and {r["extra"]["set_digest"] for r in third["rows"]}.isdisjoint(old_digests)
     with pytest.raises(SystemExit):
         cross_arch.main([str(tmp_path / "missing.pt")])
+
+
+def test_compile_trial_table_agreement_and_no_overwrite(tmp_path: Path) -> None:
+    """compile_trial.py times eager against compiled on the pool's pass and checks that they agree (eager backend:
+    the plumbing, not inductor's speed); a second run to the same --out is refused rather than overwriting it."""
+    import compile_trial
+
+    out = tmp_path / "trial"
+    argv = ["--widths", "8", "--ipcs", "1", "--real-batch", "16", "--repeats", "1", "--precisions", "fp32"]
+    argv += ["--backend", "eager", "--threads", "1", "--out", str(out)]
+    res = compile_trial.main(argv)
+    (row,) = res["rows"]
+    for name in ("real", "support"):
+        assert row[name]["eager_ms"] > 0 and row[name]["compiled_ms"] > 0
+        assert row[name]["max_rel_diff"] < 1e-5
+    assert "| 8 | 1 | 16 | fp32 | support |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        compile_trial.main(argv)

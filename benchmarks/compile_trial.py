@@ -1,0 +1,177 @@
+"""Does ``torch.compile`` pay on FRePo's feature pass? Eager against compiled, fp32 and bf16, measured interleaved.
+
+    python benchmarks/compile_trial.py --threads 1 --out benchmarks/results/compile_trial_cpu
+
+The pass is the one :class:`lightning_distill.components.ModelPool` runs for FRePo's outer step, through the same
+``functional_call`` on the pool's parameter dict and under the same precision helpers:
+
+* ``real``: features of the real batch without gradient (eval-mode BatchNorm), the larger share of the FLOPs;
+* ``support``: features of the synthetic set with a gradient to the images (forward + backward of a fixed
+  projection), the differentiable part.
+
+Each configuration is compiled once (``torch.compile(dynamic=False)``, inductor unless ``--backend``, default mode), the compile time is
+reported on its own, then eager and compiled repetitions alternate, so a load change on a shared machine hits both
+alike; the figure is the median. The compiled result is checked against eager (max relative difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stamp import stamp  # noqa: E402
+
+from lightning_distill.io import atomic_path  # noqa: E402
+from lightning_distill.nets import get_net  # noqa: E402
+from lightning_distill.precision import PrecisionPolicy, bf16_probe  # noqa: E402
+
+
+def _pass_fns(width: int, ipc: int, real_batch: int, dtype: str) -> tuple[Callable[..., Tensor], dict, tuple]:
+    """The pool's pass for one configuration (a fresh net under the policy), its tensors and the two inputs."""
+    torch.manual_seed(0)
+    net = get_net("convnet_frepo", 1, 10, 28, width=width).eval()
+    policy = PrecisionPolicy(dtype).bind("cpu")
+    policy.module(net)
+    tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    tensors = {k: v.detach() for k, v in tensors.items()}
+    x_real = torch.randn(real_batch, 1, 28, 28)
+    x_syn = torch.randn(10 * ipc, 1, 28, 28, requires_grad=True)
+
+    def core(t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with policy.autocast():
+            out = functional_call(net, t, (policy.input(x),), {"features_only": True})
+        return policy.output(out)
+
+    return core, tensors, (x_real, x_syn)
+
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def trial(
+    width: int, ipc: int, real_batch: int, dtype: str, repeats: int, backend: str = "inductor"
+) -> dict[str, Any]:
+    core, tensors, (x_real, x_syn) = _pass_fns(width, ipc, real_batch, dtype)
+    compiled = torch.compile(core, dynamic=False, backend=backend)
+    proj = torch.randn(core(tensors, x_syn[:1]).shape[1], 7)
+
+    def real(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            with torch.no_grad():
+                return fn(tensors, x_real)
+
+        return run
+
+    def support(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            x_syn.grad = None
+            (fn(tensors, x_syn) @ proj).square().sum().backward()
+            return x_syn.grad.clone()
+
+        return run
+
+    row: dict[str, Any] = {"width": width, "ipc": ipc, "real_batch": real_batch, "precision": dtype}
+    for name, make in (("real", real), ("support", support)):
+        eager_fn, comp_fn = make(core), make(compiled)
+        compile_s = _time(comp_fn)  # the first call compiles
+        ref, got = eager_fn(), comp_fn()
+        rel = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        eager_fn()
+        t_eager, t_comp = [], []
+        for _ in range(repeats):
+            t_eager.append(_time(eager_fn))
+            t_comp.append(_time(comp_fn))
+        e, c = statistics.median(t_eager) * 1e3, statistics.median(t_comp) * 1e3
+        row[name] = {
+            "eager_ms": round(e, 1),
+            "compiled_ms": round(c, 1),
+            "speedup": round(e / c, 3),
+            "compile_s": round(compile_s, 1),
+            "max_rel_diff": rel,
+        }
+        print(f"width {width} ipc {ipc} {dtype} {name}: eager {e:.1f} ms, compiled {c:.1f} ms ({e / c:.2f}x), "
+              f"compile {compile_s:.1f} s, max rel diff {rel:.1e}", flush=True)
+    return row
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s = res["stamp"]
+    lines = [
+        "# torch.compile on FRePo's feature pass",
+        "",
+        f"{s['date']}, {s['hardware']}, torch {s['torch']}, commit {s['commit']}. "
+        f"`python benchmarks/compile_trial.py {' '.join(res['argv'])}` (backend {res['backend']}). Median of {res['repeats']} repetitions, "
+        "eager and compiled alternating. `real`: features of the real batch, no gradient; `support`: features of "
+        "the synthetic set, forward + backward to the images. Compile time: the first call (not in the median). "
+        f"bf16 probe: {res['bf16_probe']}.",
+        "",
+        "| width | IPC | real batch | precision | pass | eager ms | compiled ms | speed-up | compile s | max rel diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        for name in ("real", "support"):
+            p = r[name]
+            lines.append(
+                f"| {r['width']} | {r['ipc']} | {r['real_batch']} | {r['precision']} | {name} | {p['eager_ms']} | "
+                f"{p['compiled_ms']} | {p['speedup']:.2f}x | {p['compile_s']} | {p['max_rel_diff']:.1e} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=int, nargs="+", default=[128])
+    parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--real-batch", type=int, default=1024)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: plumbing checks only)")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (refused if they exist)")
+    args = parser.parse_args(argv)
+    if args.out is not None:
+        for suffix in (".json", ".md"):
+            if args.out.with_suffix(suffix).exists():
+                parser.error(f"{args.out.with_suffix(suffix)} exists; move it away or choose another --out")
+    torch.set_num_threads(args.threads)
+    probe = bf16_probe("cpu")
+    rows = []
+    for width in args.widths:
+        for ipc in args.ipcs:
+            for dtype in args.precisions:
+                torch._dynamo.reset()
+                rows.append(trial(width, ipc, args.real_batch, dtype, args.repeats, args.backend))
+    res = {
+        "stamp": stamp(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "repeats": args.repeats,
+        "backend": args.backend,
+        "bf16_probe": probe.reason(),
+        "rows": rows,
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(args.out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
+        with atomic_path(args.out.with_suffix(".md")) as tmp:
+            tmp.write_text(markdown(res))
+        print(f"wrote {args.out.with_suffix('.md')}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
