@@ -9,9 +9,10 @@ The pass is the one :class:`lightning_distill.components.ModelPool` runs for FRe
 * ``support``: features of the synthetic set with a gradient to the images (forward + backward of a fixed
   projection), the differentiable part.
 
-Each configuration is compiled once (``torch.compile(dynamic=False)``, inductor unless ``--backend``, default mode), the compile time is
-reported on its own, then eager and compiled repetitions alternate, so a load change on a shared machine hits both
-alike; the figure is the median. The compiled result is checked against eager (max relative difference).
+Each configuration is compiled once (``torch.compile(dynamic=False)``, inductor unless ``--backend``, default
+mode), the compile time is reported on its own, then eager and compiled repetitions alternate, so a load change on
+a shared machine hits both alike; the figure is the median. The compiled result is checked against eager (max
+relative difference). ``--steps N`` also times FRePo's whole outer step both ways (speed.py's configuration).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,16 +57,13 @@ def _pass_fns(width: int, ipc: int, real_batch: int, dtype: str) -> tuple[Callab
     return core, tensors, (x_real, x_syn)
 
 
-
 def _time(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def trial(
-    width: int, ipc: int, real_batch: int, dtype: str, repeats: int, backend: str = "inductor"
-) -> dict[str, Any]:
+def trial(width: int, ipc: int, real_batch: int, dtype: str, repeats: int, backend: str = "inductor") -> dict[str, Any]:
     core, tensors, (x_real, x_syn) = _pass_fns(width, ipc, real_batch, dtype)
     compiled = torch.compile(core, dynamic=False, backend=backend)
     proj = torch.randn(core(tensors, x_syn[:1]).shape[1], 7)
@@ -103,8 +102,46 @@ def trial(
             "compile_s": round(compile_s, 1),
             "max_rel_diff": rel,
         }
-        print(f"width {width} ipc {ipc} {dtype} {name}: eager {e:.1f} ms, compiled {c:.1f} ms ({e / c:.2f}x), "
-              f"compile {compile_s:.1f} s, max rel diff {rel:.1e}", flush=True)
+        print(
+            f"width {width} ipc {ipc} {dtype} {name}: eager {e:.1f} ms, compiled {c:.1f} ms ({e / c:.2f}x), "
+            f"compile {compile_s:.1f} s, max rel diff {rel:.1e}",
+            flush=True,
+        )
+    return row
+
+
+def whole_steps(ipc: int, dtype: str, steps: int, profile: str) -> dict[str, Any]:
+    """FRePo's whole outer step (speed.py's configuration ``profile``) with and without compiled features, interleaved.
+
+    The first step of each variant (the compiled one compiles its graphs there) is timed apart as the start-up cost.
+    """
+    import speed
+
+    configs = {}
+    for compiled in (False, True):
+        cfg = speed.Configuration("FRePo", speed.SHAPES["28px grey"], ipc, "cpu", profile, dtype)
+        cfg.method.pool.compile_features = compiled
+        configs[compiled] = (cfg, cfg.timed_step())
+    for _ in range(steps):
+        for cfg, _first in configs.values():
+            cfg.times.append(cfg.timed_step())
+    (eager, first_eager), (comp, first_comp) = configs[False], configs[True]
+    ratios = [a / b for a, b in zip(eager.times, comp.times, strict=True)]
+    row = {
+        "ipc": ipc,
+        "precision": dtype,
+        "profile": profile,
+        "real_batch": eager.batch,
+        "eager_ms": round(statistics.median(eager.times), 1),
+        "compiled_ms": round(statistics.median(comp.times), 1),
+        "speedup": round(statistics.median(ratios), 3),
+        "first_step_s": {"eager": round(first_eager / 1e3, 1), "compiled": round(first_comp / 1e3, 1)},
+    }
+    print(
+        f"FRePo step ipc {ipc} {dtype} ({profile}): eager {row['eager_ms']} ms, compiled {row['compiled_ms']} ms "
+        f"({row['speedup']:.2f}x paired), first step {row['first_step_s']}",
+        flush=True,
+    )
     return row
 
 
@@ -114,13 +151,29 @@ def markdown(res: dict[str, Any]) -> str:
         "# torch.compile on FRePo's feature pass",
         "",
         f"{s['date']}, {s['hardware']}, torch {s['torch']}, commit {s['commit']}. "
-        f"`python benchmarks/compile_trial.py {' '.join(res['argv'])}` (backend {res['backend']}). Median of {res['repeats']} repetitions, "
-        "eager and compiled alternating. `real`: features of the real batch, no gradient; `support`: features of "
-        "the synthetic set, forward + backward to the images. Compile time: the first call (not in the median). "
-        f"bf16 probe: {res['bf16_probe']}.",
+        f"`python benchmarks/compile_trial.py {' '.join(res['argv'])}`. bf16 probe: {res['bf16_probe']}.",
+        *(
+            [
+                "",
+                f"Feature passes, compiled with backend `{res['backend']}`: median of {res['repeats']} repetitions, "
+                "eager and compiled alternating. `real`: features of the real batch, no gradient; `support`: features "
+                "of the synthetic set, forward + backward to the images. Compile time: the first call (not in the "
+                "median).",
+            ]
+            if res["rows"]
+            else []
+        ),
         "",
-        "| width | IPC | real batch | precision | pass | eager ms | compiled ms | speed-up | compile s | max rel diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *([f"Note: {res['note']}", ""] if res.get("note") else []),
+        *(
+            [
+                "| width | IPC | real batch | precision | pass | eager ms | compiled ms | speed-up | compile s "
+                "| max rel diff |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            if res["rows"]
+            else []
+        ),
     ]
     for r in res["rows"]:
         for name in ("real", "support"):
@@ -128,6 +181,23 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['width']} | {r['ipc']} | {r['real_batch']} | {r['precision']} | {name} | {p['eager_ms']} | "
                 f"{p['compiled_ms']} | {p['speedup']:.2f}x | {p['compile_s']} | {p['max_rel_diff']:.1e} |"
+            )
+    if res.get("steps"):
+        lines += [
+            "",
+            f"FRePo's whole outer step (speed.py profile `{res['steps'][0]['profile']}`), median of "
+            f"{res['step_repeats']} steps, eager and compiled alternating; *speed-up* is the median ratio of paired "
+            "steps; *first step* includes compiling.",
+            "",
+            "| IPC | real batch | precision | eager ms/step | compiled ms/step | speed-up "
+            "| first step s (eager / compiled) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in res["steps"]:
+            f = r["first_step_s"]
+            lines.append(
+                f"| {r['ipc']} | {r['real_batch']} | {r['precision']} | {r['eager_ms']} | {r['compiled_ms']} | "
+                f"{r['speedup']:.2f}x | {f['eager']} / {f['compiled']} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -140,6 +210,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=0, help="also time FRePo's whole step, this many per variant")
+    parser.add_argument("--step-profile", default="official", help="speed.py profile of the whole-step timing")
+    parser.add_argument("--skip-passes", action="store_true", help="only the whole-step timing")
+    parser.add_argument(
+        "--note", default="", help="a remark recorded with the results (e.g. that the machine was shared)"
+    )
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: plumbing checks only)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (refused if they exist)")
     args = parser.parse_args(argv)
@@ -149,12 +225,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 parser.error(f"{args.out.with_suffix(suffix)} exists; move it away or choose another --out")
     torch.set_num_threads(args.threads)
     probe = bf16_probe("cpu")
-    rows = []
-    for width in args.widths:
+    rows, steps = [], []
+    for width in [] if args.skip_passes else args.widths:
         for ipc in args.ipcs:
             for dtype in args.precisions:
                 torch._dynamo.reset()
                 rows.append(trial(width, ipc, args.real_batch, dtype, args.repeats, args.backend))
+    for ipc in args.ipcs if args.steps else []:
+        for dtype in args.precisions:
+            torch._dynamo.reset()
+            steps.append(whole_steps(ipc, dtype, args.steps, args.step_profile))
     res = {
         "stamp": stamp(),
         "argv": sys.argv[1:] if argv is None else argv,
@@ -162,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backend": args.backend,
         "bf16_probe": probe.reason(),
         "rows": rows,
+        "steps": steps,
+        "step_repeats": args.steps,
+        "note": args.note,
     }
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -409,3 +409,75 @@ def test_loads_checkpoints_of_the_hand_written_adam():
             a, b = pool.train_step(i, x, y), restored.train_step(i, x, y)
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
     _same_members(pool, restored)
+
+
+# ----------------------------------------------------------------------------------- torch.compile of the features
+def _eager_backend_compile(calls: list):
+    """torch.compile with the ``eager`` backend (dynamo's tracing without inductor's seconds of codegen)."""
+    real_compile = torch.compile
+
+    def fake(fn, **kwargs):
+        calls.append(kwargs)
+        return real_compile(fn, **{**kwargs, "backend": "eager"})
+
+    return fake
+
+
+def _grad_features(pool: ModelPool, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    f = pool.features(0, x)
+    f.square().sum().backward()
+    return f.detach(), x.grad
+
+
+def test_compiled_features_match_eager_and_training_stays_eager(monkeypatch) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    calls: list = []
+    monkeypatch.setattr(torch, "compile", _eager_backend_compile(calls))
+    eager = ModelPool(lambda: TinyNet(), size=2, max_online_steps=5, seed=3)
+    compiled = ModelPool(lambda: TinyNet(), size=2, max_online_steps=5, seed=3, compile_features=True)
+    x, y = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.features(0, x), eager.features(0, x))
+    for a, b in zip(_grad_features(compiled, x), _grad_features(eager, x), strict=True):
+        torch.testing.assert_close(a, b)
+    # Training passes and features with batch statistics run eagerly and change nothing compiled.
+    torch.testing.assert_close(compiled.train_step(0, x, y), eager.train_step(0, x, y))
+    torch.testing.assert_close(compiled.features(0, x, train=True), eager.features(0, x, train=True))
+    with torch.no_grad():  # the updated parameters reach the compiled pass (they are its inputs, not constants)
+        torch.testing.assert_close(compiled.features(0, x), eager.features(0, x))
+    assert len(calls) == 1 and calls[0]["dynamic"] is False
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch) -> None:
+    import torch._dynamo
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("no C++ compiler"), None)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    pool = ModelPool(lambda: TinyNet(), size=1, seed=0, compile_features=True)
+    reference = ModelPool(lambda: TinyNet(), size=1, seed=0)
+    x, _ = _batch()
+    with pytest.warns(UserWarning, match="could not compile the pool's feature pass"):
+        out = pool.features(0, x)
+    torch.testing.assert_close(out, reference.features(0, x))
+    assert pool.compile_features is False
+
+
+@pytest.mark.slow
+def test_compiled_features_with_inductor() -> None:
+    """The real compiler (inductor, a C++ toolchain on the CPU): the same features and gradients as eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = ModelPool(lambda: TinyNet(), size=1, seed=1)
+    compiled = ModelPool(lambda: TinyNet(), size=1, seed=1, compile_features=True)
+    x, _ = _batch()
+    for a, b in zip(_grad_features(compiled, x), _grad_features(eager, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ optimiser works and its state round-trips through the optimiser's own ``state_di
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -148,6 +149,11 @@ class ModelPool:
             drawn per visit from the generator passed to :meth:`train_step`.
         park_device: Where the members are stored between uses (e.g. ``"cpu"``); ``None`` stores them on the
             compute device.
+        compile_features: Run the eval-mode feature pass (:meth:`features` without ``train``, FRePo's real-batch
+            and support-set passes) through ``torch.compile`` (inductor, static shapes: one graph per batch size
+            and grad mode, compiled on first use in seconds). Training passes and passes given ``params`` (RCIG's
+            linearised ones) stay eager. Where the compiler fails (e.g. no C++ compiler on the machine) it warns
+            once and runs eagerly. Measured in ``benchmarks/results/compile_trial_cpu.md``.
         precision: How network passes run (:class:`~lightning_distill.precision.NetworkPrecision`, resolved for
             the compute device): under bf16 :meth:`forward`, :meth:`features` and :meth:`train_step` run in bf16
             autocast on channels-last inputs, while parameters, gradients, optimiser state and the online loss stay
@@ -170,6 +176,7 @@ class ModelPool:
         steps_per_visit: int | tuple[int, int] = 1,
         park_device: torch.device | str | None = None,
         precision: NetworkPrecision | None = None,
+        compile_features: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
@@ -187,6 +194,8 @@ class ModelPool:
         self.loss_fn = loss_fn
         self.steps_per_visit = _steps_range(steps_per_visit)
         self.precision = precision or FP32
+        self.compile_features = compile_features
+        self._compiled_features: Callable[[dict[str, Tensor], Tensor], Tensor] | None = None
         self._device = _canonical_device(device)
         self._park_device = None if park_device is None else _canonical_device(park_device)
         # The template only supplies the forward code; its own tensors are never used, so it sits on the meta
@@ -320,8 +329,28 @@ class ModelPool:
             stored = member.params
         tensors = {**(stored if params is None else params), **buffers}
         self._template.train(train)
+        if features_only and not train and params is None and self.compile_features:
+            return self._features_compiled(tensors, x)
         kwargs = {"features_only": True} if features_only else {}
         return self._apply(tensors, x, kwargs)
+
+    def _features_eager(self, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+        return self._apply(tensors, x, {"features_only": True})
+
+    def _features_compiled(self, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The eval-mode feature pass through ``torch.compile``; eager (with one warning) where compiling fails."""
+        if self._compiled_features is None:
+            self._compiled_features = torch.compile(self._features_eager, dynamic=False)
+        try:
+            return self._compiled_features(tensors, x)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            warnings.warn(
+                f"torch.compile could not compile the pool's feature pass ({str(err).splitlines()[0]}); running it "
+                "eagerly. Install a C++ compiler (CPU) or set compile_features=False to silence this.",
+                stacklevel=2,
+            )
+            self.compile_features = False
+            return self._features_eager(tensors, x)
 
     def _apply(self, tensors: dict[str, Tensor], x: Tensor, kwargs: dict[str, Any] | None = None) -> Tensor:
         """One pass of the template under the pool's precision; float32 out (the identity pass under fp32)."""

@@ -55,6 +55,10 @@ class FRePo(DistillationMethod):
             ``bf16``, ``auto``, or ``None`` for ``$LIGHTNING_DISTILL_PRECISION`` else ``auto`` (see
             :class:`~lightning_distill.methods.base.DistillationMethod`); the kernel
             regression is solved in float32 (float64 on fallback) whatever it says.
+        compile_features: run the pool's feature passes (real batch and synthetic set) through ``torch.compile``
+            (see :class:`~lightning_distill.components.ModelPool`); off by default: it costs tens of seconds of
+            compiling at start-up and pays 1.2-1.4x on those passes on a CPU
+            (``benchmarks/results/compile_trial_cpu.md``).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class FRePo(DistillationMethod):
         max_consecutive_skips: int = 20,
         seed: int = 0,
         precision: PrecisionMode | None = None,
+        compile_features: bool = False,
     ) -> None:
         super().__init__(
             synthetic=synthetic,
@@ -92,6 +97,7 @@ class FRePo(DistillationMethod):
         self.pool_size, self.max_online_steps = pool_size, max_online_steps
         self.online_lr, self.online_batch = online_lr, online_batch
         self.ridge, self.use_flip = ridge, use_flip
+        self.compile_features = compile_features
         self.pool: ModelPool | None = None
         self.pool_index = 0
         self.solver_fallbacks = 0
@@ -111,6 +117,7 @@ class FRePo(DistillationMethod):
             lr=self.online_lr,
             seed=self.seed,
             precision=self.network_precision,
+            compile_features=self.compile_features,
         ).to(self.device)
         self.pool_index = self.pool.select(self.generator)
 
