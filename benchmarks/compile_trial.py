@@ -110,7 +110,7 @@ def trial(width: int, ipc: int, real_batch: int, dtype: str, repeats: int, backe
     return row
 
 
-def whole_steps(ipc: int, dtype: str, steps: int, profile: str) -> dict[str, Any]:
+def whole_steps(ipc: int, dtype: str, steps: int, profile: str, profile_top: int = 0) -> dict[str, Any]:
     """FRePo's whole outer step (speed.py's configuration ``profile``) with and without compiled features, interleaved.
 
     The first step of each variant (the compiled one compiles its graphs there) is timed apart as the start-up cost.
@@ -137,6 +137,8 @@ def whole_steps(ipc: int, dtype: str, steps: int, profile: str) -> dict[str, Any
         "speedup": round(statistics.median(ratios), 3),
         "first_step_s": {"eager": round(first_eager / 1e3, 1), "compiled": round(first_comp / 1e3, 1)},
     }
+    if profile_top:  # where one more step of each goes (speed.py's torch.profiler summary)
+        row["profile"] = {"eager": eager.profile(profile_top), "compiled": comp.profile(profile_top)}
     print(
         f"FRePo step ipc {ipc} {dtype} ({profile}): eager {row['eager_ms']} ms, compiled {row['compiled_ms']} ms "
         f"({row['speedup']:.2f}x paired), first step {row['first_step_s']}",
@@ -199,6 +201,21 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {r['ipc']} | {r['real_batch']} | {r['precision']} | {r['eager_ms']} | {r['compiled_ms']} | "
                 f"{r['speedup']:.2f}x | {f['eager']} / {f['compiled']} |"
             )
+    for r in res.get("steps", []):
+        if "profile" not in r:
+            continue
+        lines += [
+            "",
+            f"Top operators of one more step, IPC {r['ipc']}, {r['precision']} (self CPU ms, share of the step):",
+            "",
+            "| eager op | ms | share | compiled op | ms | share |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e, c in zip(r["profile"]["eager"], r["profile"]["compiled"], strict=False):
+            lines.append(
+                f"| `{e['op'][:60]}` | {e['self_cpu_ms']:.1f} | {100 * e['share']:.1f} % | `{c['op'][:60]}` | "
+                f"{c['self_cpu_ms']:.1f} | {100 * c['share']:.1f} % |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=0, help="also time FRePo's whole step, this many per variant")
     parser.add_argument("--step-profile", default="official", help="speed.py profile of the whole-step timing")
+    parser.add_argument("--profile-top", type=int, default=0, help="profile one more whole step: keep the top N ops")
     parser.add_argument("--skip-passes", action="store_true", help="only the whole-step timing")
     parser.add_argument(
         "--note", default="", help="a remark recorded with the results (e.g. that the machine was shared)"
@@ -234,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for ipc in args.ipcs if args.steps else []:
         for dtype in args.precisions:
             torch._dynamo.reset()
-            steps.append(whole_steps(ipc, dtype, args.steps, args.step_profile))
+            steps.append(whole_steps(ipc, dtype, args.steps, args.step_profile, args.profile_top))
     res = {
         "stamp": stamp(),
         "argv": sys.argv[1:] if argv is None else argv,
