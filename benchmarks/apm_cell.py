@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import stamp, write_result  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS, train_on_distilled  # noqa: E402
@@ -170,10 +170,9 @@ def main() -> None:
         res["reference"] = {**record, "arch": dc.arch, "arch_kwargs": dict(dc.arch_kwargs),
                             "minutes": (time.perf_counter() - t) / 60}
         print(f"  full-data reference: test {record['test_acc']:.2f} %", flush=True)
-    with atomic_path(out / f"{stem}.json") as tmp:
-        tmp.write_text(json.dumps(res, indent=2))
+    write_result(out / f"{stem}.json", json.dumps(res, indent=2))
     partial.unlink(missing_ok=True)
-    (out / f"{stem}.md").write_text(markdown(res))
+    write_result(out / f"{stem}.md", markdown(res))
     print(markdown(res))
 
 

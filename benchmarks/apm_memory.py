@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import stamp, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -268,8 +268,8 @@ def main() -> None:
     out = Path(a.out) if a.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     stem = a.name or f"apm_memory_{a.device.split(':')[0]}"
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
-    (out / f"{stem}.md").write_text(markdown(res))
+    write_result(out / f"{stem}.json", json.dumps(res, indent=2))
+    write_result(out / f"{stem}.md", markdown(res))
     print(markdown(res))
 
 

@@ -31,9 +31,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import stamp, write_result  # noqa: E402
 
-from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.nets import get_net  # noqa: E402
 from lightning_distill.precision import PrecisionPolicy, bf16_probe  # noqa: E402
 
@@ -235,12 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--note", default="", help="a remark recorded with the results (e.g. that the machine was shared)"
     )
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: plumbing checks only)")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (refused if they exist)")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (old ones: replaced/)")
     args = parser.parse_args(argv)
-    if args.out is not None:
-        for suffix in (".json", ".md"):
-            if args.out.with_suffix(suffix).exists():
-                parser.error(f"{args.out.with_suffix(suffix)} exists; move it away or choose another --out")
     torch.set_num_threads(args.threads)
     probe = bf16_probe("cpu")
     rows, steps = [], []
@@ -266,10 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(res, indent=2) + "\n")
-        with atomic_path(args.out.with_suffix(".md")) as tmp:
-            tmp.write_text(markdown(res))
+        write_result(args.out.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
+        write_result(args.out.with_suffix(".md"), markdown(res))
         print(f"wrote {args.out.with_suffix('.md')}")
     return res
 

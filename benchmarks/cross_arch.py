@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import keep_previous, stamp, write_result  # noqa: E402
 
 from lightning_distill.data import check_datamodule_record  # noqa: E402
 from lightning_distill.eval import evaluate_distilled, get_protocol  # noqa: E402
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in stale:
         print(f"{r['extra']['path']} {r['arch']}: the saved row scored another version of this file, re-running")
     res["rows"] = kept
+    if json_path.is_file() and (stale or not res["rows"]):
+        keep_previous(json_path)  # other options or other sets: the saved run is replaced, and kept aside
     done = {(r["extra"]["path"], r["arch"]) for r in kept}
     for path in a.sets:
         for arch in a.arch:
@@ -199,8 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The sets named now lead, in their command-line order (a re-run set would otherwise move after kept ones).
     order = {str(x): i for i, x in enumerate(a.sets)}
     res["rows"].sort(key=lambda r: order.get(r["extra"]["path"], len(order)))
-    with atomic_path(out / f"{a.name}.md") as tmp:
-        tmp.write_text(markdown(res))
+    write_result(out / f"{a.name}.md", markdown(res))
     plot(res, out / f"{a.name}.png")
     print(markdown(res))
     return res

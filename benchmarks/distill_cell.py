@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import keep_previous, stamp, write_result  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS, train_on_distilled  # noqa: E402
@@ -184,10 +184,10 @@ def main() -> None:
         r = score(snap["images"], snap["labels"], "krr", krr_kwargs, repeats=1)
         res["curve"].append({**s, "krr_acc": r["mean"]})
         checkpoint()
-    with atomic_path(out / f"{stem}.json") as tmp:
-        tmp.write_text(json.dumps(res, indent=2))
+    write_result(out / f"{stem}.json", json.dumps(res, indent=2))
     partial.unlink(missing_ok=True)
-    (out / f"{stem}.md").write_text(markdown(res))
+    write_result(out / f"{stem}.md", markdown(res))
+    keep_previous(out / f"{stem}.png")
     plot(res, out / f"{stem}.png")
     print(markdown(res))
 

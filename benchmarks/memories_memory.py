@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import stamp, write_result  # noqa: E402
 
 
 def _rss_bytes() -> int:
@@ -192,8 +192,8 @@ def main() -> None:
     )
     result = {"config": config, "rows": rows, "stamp": stamp()}
     stem = a.name or f"memories_memory_{a.device.split(':')[0]}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_result(out / f"{stem}.json", json.dumps(result, indent=2))
+    write_result(out / f"{stem}.md", markdown(result))
     print(markdown(result))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import stamp, write_result  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS, get_protocol, test_split_for  # noqa: E402
@@ -203,12 +203,10 @@ def main() -> None:
         with atomic_path(out / f"{a.name}.partial.json") as tmp:  # keep what is measured if the run dies
             tmp.write_text(json.dumps(record, indent=2))
     record["verdict"] = verdict(results)
-    with atomic_path(out / f"{a.name}.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
+    write_result(out / f"{a.name}.json", json.dumps(record, indent=2))
     (out / f"{a.name}.partial.json").unlink(missing_ok=True)
     text = markdown(record, results)
-    with atomic_path(out / f"{a.name}.md") as tmp:
-        tmp.write_text(text)
+    write_result(out / f"{a.name}.md", text)
     s = record["stamp"]
     title = f"FRePo MNIST chunk, IPC 10 · {s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}"
     save_figure(privacy_figure(results, title), out / f"{a.name}.png")

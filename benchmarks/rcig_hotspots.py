@@ -29,9 +29,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import stamp, write_result  # noqa: E402
 
-from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.methods import RCIG  # noqa: E402
 from lightning_distill.runtime import flush_denormals, tune_cpu_allocator  # noqa: E402
 from lightning_distill.synthetic import PixelSet  # noqa: E402
@@ -117,10 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["rows"] = rows
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / f"{a.name}.json") as tmp:
-        tmp.write_text(json.dumps(res, indent=2))
-    with atomic_path(out / f"{a.name}.md") as tmp:
-        tmp.write_text(markdown(res))
+    write_result(out / f"{a.name}.json", json.dumps(res, indent=2))
+    write_result(out / f"{a.name}.md", markdown(res))
     print(markdown(res))
     return res
 

@@ -45,10 +45,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import stamp, write_result  # noqa: E402
 
 import lightning_distill.methods as methods_pkg  # noqa: E402
-from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.methods import DistillationMethod  # noqa: E402
 from lightning_distill.precision import PrecisionPolicy, bf16_probe  # noqa: E402
 from lightning_distill.runtime import ENV_VAR, flush_denormals, tune_cpu_allocator  # noqa: E402
@@ -669,10 +668,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["precision_probe"] = probe.to_dict()
         res["precision_reason"] = probe.reason()
     out = Path(a.out)
-    with atomic_path(out / f"{a.name}.json") as tmp:
-        tmp.write_text(json.dumps(res, indent=2))
-    with atomic_path(out / f"{a.name}.md") as tmp:
-        tmp.write_text(markdown(res))
+    write_result(out / f"{a.name}.json", json.dumps(res, indent=2))
+    write_result(out / f"{a.name}.md", markdown(res))
     print(markdown(res))
     return res
 
