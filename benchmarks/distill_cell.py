@@ -83,7 +83,11 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps (cosine horizon)")
     p.add_argument("--repeats", type=int, default=5, help="networks per evaluation")
     p.add_argument(
-        "--random-repeats", type=int, default=None, help="networks per evaluation of random real (default: --repeats)"
+        "--random-repeats",
+        type=int,
+        default=None,
+        help="networks per evaluation of random real (default: --repeats; 0: not scored here, e.g. when another "
+        "cell of the same dataset and IPC scores it)",
     )
     p.add_argument("--krr-arch-kwargs", default=None, help="JSON options of the krr evaluation network")
     p.add_argument("--dc-epochs", type=int, default=None, help="override the dc protocol's 1000 epochs")
@@ -175,6 +179,8 @@ def main() -> None:
     random_repeats = a.repeats if a.random_repeats is None else a.random_repeats
     res["distilled"], res["random"], res["curve"] = {}, {}, []
     for key, x, y, reps in [("distilled", x_syn, y_syn, a.repeats), ("random", x_rand, y_rand, random_repeats)]:
+        if reps == 0:
+            continue
         res[key]["krr"] = score(x, y, "krr", krr_kwargs, repeats=reps)
         checkpoint()
         res[key]["dc"] = score(x, y, "dc", repeats=reps, epochs=a.dc_epochs)
@@ -211,10 +217,15 @@ def markdown(r: dict[str, Any]) -> str:
             "| set | krr protocol | dc protocol | paper |",
             "|---|---|---|---|",
             f"| {r['method']} (ours) | {_pm(r['distilled']['krr'])} | {_pm(r['distilled']['dc'])} | {paper} |",
-            f"| random real (ours) | {_pm(r['random']['krr'])} | {_pm(r['random']['dc'])} | {rp} (dc) |",
+            f"| random real (ours) | {_pm(r['random'].get('krr'))} | {_pm(r['random'].get('dc'))} | {rp} (dc) |",
             "",
             f"Networks per evaluation: {len(r['distilled']['krr']['accuracies'])} for the {r['method']} set, "
-            f"{len(r['random']['krr']['accuracies'])} for random real; krr network: "
+            + (
+                f"{len(r['random']['krr']['accuracies'])} for random real"
+                if r["random"]
+                else "random real not scored in this cell (--random-repeats 0)"
+            )
+            + "; krr network: "
             f"{r['distilled']['krr']['arch']} {krr_arch}; dc network: convnet (width 128, instance norm).",
             *(
                 [""]
@@ -238,9 +249,19 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2 if r["curve"] else 1, figsize=(10 if r["curve"] else 5.5, 4), squeeze=False)
     ax = axes[0, 0]
-    labels = ["ours krr", "ours dc", "random krr", "random dc"]
-    vals = [r["distilled"]["krr"], r["distilled"]["dc"], r["random"]["krr"], r["random"]["dc"]]
-    ax.bar(labels, [v["mean"] for v in vals], yerr=[v["std"] for v in vals], color=["C0", "C0", "C7", "C7"])
+    bars = [
+        (label, r[key].get(proto), colour)
+        for label, key, proto, colour in (
+            ("ours krr", "distilled", "krr", "C0"),
+            ("ours dc", "distilled", "dc", "C0"),
+            ("random krr", "random", "krr", "C7"),
+            ("random dc", "random", "dc", "C7"),
+        )
+        if r[key].get(proto)
+    ]
+    ax.bar(
+        [b[0] for b in bars], [b[1]["mean"] for b in bars], yerr=[b[1]["std"] for b in bars], color=[b[2] for b in bars]
+    )
     if r["paper"]:
         ax.axhline(r["paper"][0], color="C3", ls="--", label=f"paper {r['paper'][0]}")
         ax.legend(loc="lower right")

@@ -86,8 +86,9 @@ def _inconsistencies(r: dict[str, Any], cell: Cell) -> list[str]:
         if len(krr["accuracies"]) != b.repeats:
             out.append(f"{len(krr['accuracies'])} networks, not {b.repeats}")
         want_random = b.repeats if b.random_repeats is None else b.random_repeats
-        if len(r["random"]["krr"]["accuracies"]) != want_random:
-            out.append(f"{len(r['random']['krr']['accuracies'])} random-real networks, not {want_random}")
+        got_random = len(r["random"]["krr"]["accuracies"]) if r["random"] else 0
+        if got_random != want_random:
+            out.append(f"{got_random} random-real networks, not {want_random}")
         want = {**get_protocol("krr").arch_kwargs, **(b.krr_arch_kwargs or {})}
         if krr["extra"].get("arch_kwargs") != want:
             out.append(f"krr network {krr['extra'].get('arch_kwargs')}, not {want}")
@@ -231,6 +232,9 @@ def cell_rows(r: dict[str, Any], path: Path) -> list[Row]:
     )
     if r.get("skipped_steps"):
         ours.notes.append(f"{r['skipped_steps']} skipped steps")
+    if not r["random"]:  # random real scored in another cell (--random-repeats 0)
+        ours.notes += [n for res in (ours.krr, ours.dc) if res is not None for n in _eval_notes(res)]
+        return [ours]
     rand = Row(
         method=RANDOM,
         krr=r["random"].get("krr"),

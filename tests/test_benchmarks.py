@@ -310,3 +310,21 @@ def test_compile_trial_table_agreement_and_no_overwrite(tmp_path: Path) -> None:
     compile_trial.main(argv)
     kept = sorted((tmp_path / "replaced").iterdir())
     assert [p.suffix for p in kept] == [".json", ".md"] and kept[0].read_text() == first
+
+
+def test_cell_without_random_real(tmp_path: Path) -> None:
+    """--random-repeats 0 (random real scored by another cell at the same budget): the cell's page, picture and
+    report row stand without it, and the suite counts it as done for a budget of 0 random networks only."""
+    import distill_cell
+
+    res = _cell_result(STAMP, random={})
+    md = distill_cell.markdown(res)
+    assert "| random real (ours) | – | – |" in md and "random real not scored in this cell" in md
+    distill_cell.plot(res, tmp_path / "cell.png")
+    assert (tmp_path / "cell.png").stat().st_size > 0
+    rows = suite.cell_rows(res, tmp_path / "frepo_mnist_ipc1_cpu.json")
+    assert [r.method for r in rows] == ["FRePo"]
+    cell = suite.Cell("recipes/frepo/mnist_ipc1_cpu.yaml", dataclasses.replace(MATRICES["cpu"].cells[0].budget))
+    assert any("random-real networks" in p for p in suite._inconsistencies(res, cell))
+    cell0 = suite.Cell(cell.recipe, dataclasses.replace(cell.budget, random_repeats=0))
+    assert not any("random-real networks" in p for p in suite._inconsistencies(res, cell0))
