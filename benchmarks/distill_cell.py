@@ -282,6 +282,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig.text(0.01, 0.01, f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
+    plt.close(fig)  # a caller that plots several cells (the tests, a notebook) keeps no figure open
 
 
 if __name__ == "__main__":

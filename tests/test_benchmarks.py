@@ -320,8 +320,11 @@ def test_cell_without_random_real(tmp_path: Path) -> None:
     res = _cell_result(STAMP, random={})
     md = distill_cell.markdown(res)
     assert "| random real (ours) | – | – |" in md and "random real not scored in this cell" in md
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
     distill_cell.plot(res, tmp_path / "cell.png")
-    assert (tmp_path / "cell.png").stat().st_size > 0
+    assert (tmp_path / "cell.png").stat().st_size > 0 and plt.get_fignums() == before
     rows = suite.cell_rows(res, tmp_path / "frepo_mnist_ipc1_cpu.json")
     assert [r.method for r in rows] == ["FRePo"]
     cell = suite.Cell("recipes/frepo/mnist_ipc1_cpu.yaml", dataclasses.replace(MATRICES["cpu"].cells[0].budget))
