@@ -232,20 +232,21 @@ def cell_rows(r: dict[str, Any], path: Path) -> list[Row]:
     )
     if r.get("skipped_steps"):
         ours.notes.append(f"{r['skipped_steps']} skipped steps")
-    if not r["random"]:  # random real scored in another cell (--random-repeats 0)
-        ours.notes += [n for res in (ours.krr, ours.dc) if res is not None for n in _eval_notes(res)]
-        return [ours]
-    rand = Row(
-        method=RANDOM,
-        krr=r["random"].get("krr"),
-        dc=r["random"].get("dc"),
-        paper=tuple(r["random_paper_dc"]) if r.get("random_paper_dc") else None,
-        paper_protocol="dc",
-        **common,
-    )
-    for row in (ours, rand):
+    rows = [ours]
+    if r["random"]:  # empty when random real was scored in another cell (--random-repeats 0)
+        rows.append(
+            Row(
+                method=RANDOM,
+                krr=r["random"].get("krr"),
+                dc=r["random"].get("dc"),
+                paper=tuple(r["random_paper_dc"]) if r.get("random_paper_dc") else None,
+                paper_protocol="dc",
+                **common,
+            )
+        )
+    for row in rows:
         row.notes += [n for res in (row.krr, row.dc) if res is not None for n in _eval_notes(res)]
-    return [ours, rand]
+    return rows
 
 
 def eval_rows(obj: dict[str, Any], path: Path) -> list[Row]:
