@@ -7,6 +7,11 @@ Writes ``benchmarks/results/<recipe>.{json,md,png}``, each stamped with date, ha
 the distilled set's accuracy under the method's native ``krr`` protocol and the ``dc`` protocol (``--repeats``
 networks each), the random-real baseline at the same IPC under both, the paper's number, steps done, ms per step,
 and optionally an accuracy-against-minutes curve from snapshots taken during distillation.
+
+Scoring takes longer than distilling on a CPU, so each score is kept in ``<recipe>.partial.json`` as it lands. A run
+that died while scoring is picked up again: when that file and the run's ``distilled.pt`` are newer than the recipe
+and were made under the same options, the set is scored from the export without distilling again, and only the
+scores the partial lacks are computed (``--fresh`` distils anew; the old partial is then set aside, not deleted).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from stamp import keep_previous, stamp, write_result  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS, train_on_distilled  # noqa: E402
-from lightning_distill.export import save_distilled  # noqa: E402
+from lightning_distill.export import load_distilled, save_distilled  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
 from lightning_distill.synthetic import select_real  # noqa: E402
@@ -76,6 +81,66 @@ class Snapshots(L.Callback):
         self.taken.append({"minutes": elapsed / 60, "step": trainer.global_step, "path": str(path)})
 
 
+def scoring_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The options that decide what a cell's scores mean: a partial result is resumed only under the same ones."""
+    return {
+        "minutes": a.minutes,
+        "repeats": a.repeats,
+        "random_repeats": a.repeats if a.random_repeats is None else a.random_repeats,
+        "krr_arch_kwargs": a.krr_arch_kwargs,
+        "dc_epochs": a.dc_epochs,
+        "eval_steps": a.eval_steps,
+        "curve": a.curve,
+    }
+
+
+def legacy_options(r: dict[str, Any], a: argparse.Namespace) -> bool:
+    """Whether a partial written before options were recorded matches ``a``, judged from the scores it holds."""
+    if a.curve or a.krr_arch_kwargs is None or a.dc_epochs is not None:
+        return False  # those leave no trace that can be checked in an old partial
+    random_repeats = a.repeats if a.random_repeats is None else a.random_repeats
+    for key, reps in (("distilled", a.repeats), ("random", random_repeats)):
+        for proto, entry in r.get(key, {}).items():
+            if len(entry.get("accuracies", ())) != reps:
+                return False
+            if a.eval_steps is not None and entry.get("steps") != a.eval_steps:
+                return False
+            if proto == "krr" and entry.get("extra", {}).get("arch_kwargs", {}).get("width") != json.loads(
+                a.krr_arch_kwargs
+            ).get("width"):
+                return False
+    return True
+
+
+def resumable(partial: Path, export: Path, recipe: Path, a: argparse.Namespace) -> dict[str, Any] | None:
+    """The partial result to resume, or None: it must be newer than the recipe, its export must exist, be no older
+    than the recipe and no newer than the partial, and it must have been made under the options in ``a``."""
+    if not (partial.is_file() and export.is_file() and recipe.is_file()):
+        return None
+    try:
+        r = json.loads(partial.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(r, dict) or Path(r.get("recipe", "")) != recipe:
+        return None
+    if a.max_steps is not None and r.get("max_steps") != a.max_steps:
+        return None
+    recipe_t, export_t, partial_t = recipe.stat().st_mtime, export.stat().st_mtime, partial.stat().st_mtime
+    if not (recipe_t < export_t <= partial_t + 1):  # the set written by this recipe, before the first score
+        return None
+    same = r["scoring"] == scoring_options(a) if "scoring" in r else legacy_options(r, a)
+    return r if same else None
+
+
+def why_not(partial: Path, run_dir: Path, a: argparse.Namespace, options: dict[str, Any]) -> str:
+    """A short reason why ``partial`` is not resumed (for the message)."""
+    if a.fresh:
+        return "--fresh"
+    if not (run_dir / "distilled.pt").is_file():
+        return f"no {run_dir / 'distilled.pt'}"
+    return "another recipe, recipe edited since, other options, or an export newer than it"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
@@ -95,6 +160,7 @@ def main() -> None:
     p.add_argument("--curve", type=int, default=0, help="evaluate this many snapshots (1 net, krr) for a curve")
     p.add_argument("--out", default=None, help="folder for results (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fresh", action="store_true", help="distil anew even when a partial result could be resumed")
     a = p.parse_args()
     tune_cpu_allocator()  # as the lightning-distill command does
     if a.threads:
@@ -115,18 +181,34 @@ def main() -> None:
     ]
     if a.max_steps:
         args += [f"--trainer.max_steps={a.max_steps}"]
-    snaps = Snapshots(run_dir / "snapshots", a.minutes / (a.curve + 1)) if a.curve else None
+    stem = f"{Path(a.recipe).parent.name}_{name}"
+    partial = out / f"{stem}.partial.json"
+    options = scoring_options(a)
+    resumed = None if a.fresh else resumable(partial, run_dir / "distilled.pt", Path(a.recipe), a)
+    if resumed is None and partial.is_file():
+        print(f"{partial} cannot be resumed ({why_not(partial, run_dir, a, options)}): distilling anew", flush=True)
+        keep_previous(partial)  # set aside under results/replaced/, never silently dropped
+    snaps = None
+    if resumed is None and a.curve:
+        snaps = Snapshots(run_dir / "snapshots", a.minutes / (a.curve + 1))
     t0 = time.perf_counter()
     cli = cli_main(args, run=False)
-    if snaps:
-        cli.trainer.callbacks.append(snaps)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    distil_s = time.perf_counter() - t0
-    method, dm, steps = cli.model, cli.datamodule, cli.trainer.global_step
+    method, dm = cli.model, cli.datamodule
+    if resumed is None:
+        if snaps:
+            cli.trainer.callbacks.append(snaps)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        distil_s, steps = time.perf_counter() - t0, cli.trainer.global_step
+        view = method.distilled_view()  # what the export holds (an EMA of the set when a recipe adds one)
+        x_syn, y_syn = view.images.cpu(), view.labels.cpu()
+    else:
+        payload = load_distilled(run_dir / "distilled.pt")
+        x_syn, y_syn = payload["images"], payload["labels"]
+        dm.prepare_data()
+        dm.setup("fit")
+        print(f"resuming {partial}: scoring {run_dir / 'distilled.pt'} without distilling again", flush=True)
     dataset, ipc, k = dm.name, method.synthetic.ipc, dm.num_classes
     flip = dataset not in NO_FLIP_DATASETS
-    view = method.distilled_view()  # what the export holds (an EMA of the set when a recipe adds one)
-    x_syn, y_syn = view.images.cpu(), view.labels.cpu()
     gen = torch.Generator().manual_seed(0)
     x_rand = select_real(dm.x_train.cpu(), dm.y_train.cpu(), k, ipc, gen)
     y_rand = torch.arange(k).repeat_interleave(ipc)
@@ -151,25 +233,28 @@ def main() -> None:
         print(f"  {protocol}: {r}", flush=True)
         return r.to_dict()
 
-    print(f"distilled {steps} steps in {distil_s / 60:.1f} min; evaluating", flush=True)
-    res: dict[str, Any] = {
-        "recipe": a.recipe,
-        "method": type(method).__name__,
-        "dataset": dataset,
-        "ipc": ipc,
-        "steps": steps,
-        "max_steps": cli.trainer.max_steps,  # the cosine horizon, so a resumed suite can tell budgets apart
-        "horizon": method.config()["horizon"],  # the step horizon and how it was chosen (a TimeBudget says)
-        "distill_minutes": distil_s / 60,
-        "ms_per_step": 1000 * distil_s / max(steps, 1),
-        "skipped_steps": method.skipped_steps,
-        "stamp": stamp(),
-        "paper": PAPER.get(type(method).__name__, {}).get(dataset, {}).get(ipc),
-        "random_paper_dc": RANDOM_PAPER.get(dataset, {}).get(ipc),
-    }
+    if resumed is not None:
+        res: dict[str, Any] = resumed
+        res.setdefault("resumed", []).append(stamp())  # scores from here on were computed at this commit
+    else:
+        print(f"distilled {steps} steps in {distil_s / 60:.1f} min; evaluating", flush=True)
+        res = {
+            "recipe": a.recipe,
+            "method": type(method).__name__,
+            "dataset": dataset,
+            "ipc": ipc,
+            "steps": steps,
+            "max_steps": cli.trainer.max_steps,  # the cosine horizon, so a resumed suite can tell budgets apart
+            "horizon": method.config()["horizon"],  # the step horizon and how it was chosen (a TimeBudget says)
+            "distill_minutes": distil_s / 60,
+            "ms_per_step": 1000 * distil_s / max(steps, 1),
+            "skipped_steps": method.skipped_steps,
+            "stamp": stamp(),
+            "paper": PAPER.get(type(method).__name__, {}).get(dataset, {}).get(ipc),
+            "random_paper_dc": RANDOM_PAPER.get(dataset, {}).get(ipc),
+        }
+        res["scoring"] = options
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{Path(a.recipe).parent.name}_{name}"
-    partial = out / f"{stem}.partial.json"
 
     def checkpoint() -> None:
         # An evaluation takes up to hours on a CPU: keep what is scored so far if the run dies.
@@ -177,19 +262,27 @@ def main() -> None:
             tmp.write_text(json.dumps(res, indent=2))
 
     random_repeats = a.repeats if a.random_repeats is None else a.random_repeats
-    res["distilled"], res["random"], res["curve"] = {}, {}, []
+    for key in ("distilled", "random"):
+        res.setdefault(key, {})
+    res.setdefault("curve", [])
+    if snaps:
+        res["snapshots"] = snaps.taken  # so that a resumed run can still score the curve
+    checkpoint()
     for key, x, y, reps in [("distilled", x_syn, y_syn, a.repeats), ("random", x_rand, y_rand, random_repeats)]:
         if reps == 0:
             continue
-        res[key]["krr"] = score(x, y, "krr", krr_kwargs, repeats=reps)
-        checkpoint()
-        res[key]["dc"] = score(x, y, "dc", repeats=reps, epochs=a.dc_epochs)
-        checkpoint()
-    for s in snaps.taken if snaps else []:
-        snap = torch.load(s["path"], weights_only=True)
+        if "krr" not in res[key]:
+            res[key]["krr"] = score(x, y, "krr", krr_kwargs, repeats=reps)
+            checkpoint()
+        if "dc" not in res[key]:
+            res[key]["dc"] = score(x, y, "dc", repeats=reps, epochs=a.dc_epochs)
+            checkpoint()
+    for s in res.get("snapshots", [])[len(res["curve"]) :]:
+        snap = load_distilled(s["path"])
         r = score(snap["images"], snap["labels"], "krr", krr_kwargs, repeats=1)
         res["curve"].append({**s, "krr_acc": r["mean"]})
         checkpoint()
+    res.pop("snapshots", None)
     write_result(out / f"{stem}.json", json.dumps(res, indent=2))
     partial.unlink(missing_ok=True)
     write_result(out / f"{stem}.md", markdown(res))

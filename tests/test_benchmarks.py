@@ -91,6 +91,27 @@ def test_smoke_matrix_end_to_end(data_root: Path, tmp_path: Path) -> None:
     p = _suite(tmp_path, env, "--matrix", "smoke", "--repeats", "2", "--dry-run")
     assert p.returncode == 0 and p.stdout.startswith("run "), p.stdout + p.stderr
 
+    # A cell that died while scoring: its partial result is picked up, the set scored from the run's export without
+    # distilling again, and only the missing score computed.
+    result = tmp_path / "results" / f"{cell.stem}.json"
+    partial = result.with_name(f"{cell.stem}.partial.json")
+    died = json.loads(result.read_text())
+    del died["random"]["dc"], died["budget"]
+    partial.write_text(json.dumps(died))
+    result.unlink()
+    p = _suite(tmp_path, env, "--matrix", "smoke", "--threads", THREADS)
+    assert p.returncode == 0 and "without distilling again" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    again = json.loads(result.read_text())
+    assert again["distilled"] == r["distilled"] and again["stamp"] == r["stamp"]  # kept, not recomputed
+    assert again["random"]["dc"]["steps"] == 2 and len(again["resumed"]) == 1 and not partial.exists()
+    # Scored under other options, the partial is not resumed: it is set aside and the cell distilled anew.
+    partial.write_text(json.dumps(died))
+    result.unlink()
+    p = _suite(tmp_path, env, "--matrix", "smoke", "--threads", THREADS, "--eval-steps", "3")
+    assert p.returncode == 0 and "cannot be resumed" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed" not in json.loads(result.read_text())
+    assert list((tmp_path / "results" / "replaced").glob(f"{cell.stem}.partial.*.json"))
+
 
 def _cell_result(stamp: dict, **over) -> dict:
     """A distill_cell.py result in its format (numbers made up; the evaluations are real EvalResult dicts)."""
