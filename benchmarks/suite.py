@@ -180,10 +180,11 @@ class Row:
     ms_per_step: float | None = None
     recipe: str | None = None
     notes: list[str] = field(default_factory=list)
+    other: dict[str, Any] | None = None  # a score under a third protocol (rtp, apm), said first in the notes
 
     @property
     def nets(self) -> str:
-        counts = {len(r["accuracies"]) for r in (self.krr, self.dc) if r}
+        counts = {len(r["accuracies"]) for r in (self.krr, self.dc, self.other) if r}
         return "/".join(str(c) for c in sorted(counts)) or "–"
 
 
@@ -269,12 +270,15 @@ def eval_rows(obj: dict[str, Any], path: Path) -> list[Row]:
             method=method,
             krr=res if res["protocol"] == "krr" else None,
             dc=res if res["protocol"] == "dc" else None,
+            other=res if res["protocol"] not in ("krr", "dc") else None,
             paper=tuple(pub) if pub else None,
             paper_protocol=proto,
             stamp=obj["stamp"],
             source=path.name,
         )
-        row.notes = [f"lightning-distill evaluate ({e.get('method', '?')})", *_eval_notes(res)]
+        # Neither column holds a third protocol's score: the notes say it first, with its name.
+        other = [f"**{res['protocol']} protocol: {_pm(res)}**"] if row.other else []
+        row.notes = [*other, f"lightning-distill evaluate ({e.get('method', '?')})", *_eval_notes(res)]
         rows.append(row)
     return rows
 
