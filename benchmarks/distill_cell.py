@@ -305,7 +305,11 @@ def markdown(r: dict[str, Any]) -> str:
             f"## {r['method']} · {r['dataset']} · IPC {r['ipc']} (`{r['recipe']}`)",
             "",
             f"{r['steps']} outer steps in {r['distill_minutes']:.1f} min ({r['ms_per_step']:.0f} ms/step), "
-            f"{r['skipped_steps']} skipped. {s['date']}, {s['hardware']}, torch {s['torch']}, commit {s['commit']}.",
+            f"{r['skipped_steps']} skipped. {s['date']}, {s['hardware']}, torch {s['torch']}, commit {s['commit']}."
+            + "".join(
+                f" Scoring resumed {x['date']} ({x['hardware']}, commit {x['commit']}) after the run stopped."
+                for x in r.get("resumed", [])
+            ),
             "",
             "| set | krr protocol | dc protocol | paper |",
             "|---|---|---|---|",

@@ -104,6 +104,7 @@ def test_smoke_matrix_end_to_end(data_root: Path, tmp_path: Path) -> None:
     again = json.loads(result.read_text())
     assert again["distilled"] == r["distilled"] and again["stamp"] == r["stamp"]  # kept, not recomputed
     assert again["random"]["dc"]["steps"] == 2 and len(again["resumed"]) == 1 and not partial.exists()
+    assert "Scoring resumed" in result.with_suffix(".md").read_text()
     # Scored under other options, the partial is not resumed: it is set aside and the cell distilled anew.
     partial.write_text(json.dumps(died))
     result.unlink()
