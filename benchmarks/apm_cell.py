@@ -91,8 +91,15 @@ def main() -> None:
 
     # 2. Distillation in what is left of the budget.
     left = a.minutes * 60 - (time.perf_counter() - budget_start) - 60  # a minute for start-up and export
-    args = ["--config", a.recipe, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
-            f"--trainer.max_time={_hms(left)}", "--trainer.enable_progress_bar=false", *a.overrides]
+    args = [
+        "--config",
+        a.recipe,
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.logger=false",
+        f"--trainer.max_time={_hms(left)}",
+        "--trainer.enable_progress_bar=false",
+        *a.overrides,
+    ]
     if a.max_steps:
         args.append(f"--trainer.max_steps={a.max_steps}")
     t0 = time.perf_counter()
@@ -115,13 +122,27 @@ def main() -> None:
     def score(x: torch.Tensor, y: torch.Tensor, protocol: str, repeats: int) -> dict[str, Any]:
         kwargs = krr_kwargs if protocol == "krr" else None
         epochs = {"dc": a.dc_epochs}.get(protocol, a.apm_epochs if protocol.startswith("apm") else None)
-        r = train_on_distilled(x, y, x_te, y_te, protocol=protocol, repeats=repeats, num_classes=k, flip=flip,
-                               epochs=epochs, steps=a.eval_steps, arch_kwargs=kwargs, device=device, progress=False)
+        r = train_on_distilled(
+            x,
+            y,
+            x_te,
+            y_te,
+            protocol=protocol,
+            repeats=repeats,
+            num_classes=k,
+            flip=flip,
+            epochs=epochs,
+            steps=a.eval_steps,
+            arch_kwargs=kwargs,
+            device=device,
+            progress=False,
+        )
         print(f"  {protocol}: {r}", flush=True)
         return r.to_dict()
 
-    print(f"teachers {teacher_s / 60:.1f} min, distilled {steps} steps in {distil_s / 60:.1f} min; evaluating",
-          flush=True)
+    print(
+        f"teachers {teacher_s / 60:.1f} min, distilled {steps} steps in {distil_s / 60:.1f} min; evaluating", flush=True
+    )
     res: dict[str, Any] = {
         "recipe": a.recipe,
         "method": type(method).__name__,
@@ -167,8 +188,12 @@ def main() -> None:
         spec = TeacherSpec(arch=dc.arch, arch_kwargs=dict(dc.arch_kwargs), num_teachers=1, epochs=a.reference_epochs)
         t = time.perf_counter()
         _, record = train_teacher(dm, spec, 0, device=device)
-        res["reference"] = {**record, "arch": dc.arch, "arch_kwargs": dict(dc.arch_kwargs),
-                            "minutes": (time.perf_counter() - t) / 60}
+        res["reference"] = {
+            **record,
+            "arch": dc.arch,
+            "arch_kwargs": dict(dc.arch_kwargs),
+            "minutes": (time.perf_counter() - t) / 60,
+        }
         print(f"  full-data reference: test {record['test_acc']:.2f} %", flush=True)
     write_result(out / f"{stem}.json", json.dumps(res, indent=2))
     partial.unlink(missing_ok=True)
@@ -203,8 +228,10 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     if r.get("reference"):
         ref = r["reference"]
-        lines += [f"| full training set (one {ref['arch']} {ref['arch_kwargs']}, {ref['epochs']} epochs, DSA, "
-                  f"chosen on validation) | | {ref['test_acc']:.2f} | | |"]
+        lines += [
+            f"| full training set (one {ref['arch']} {ref['arch_kwargs']}, {ref['epochs']} epochs, DSA, "
+            f"chosen on validation) | | {ref['test_acc']:.2f} | | |"
+        ]
     lines += ["", "Networks per evaluation and their settings are in the JSON (`extra` of each result).", ""]
     return "\n".join(lines)
 

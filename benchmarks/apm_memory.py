@@ -144,8 +144,9 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         net = seeded_net(build, 7).to(device)
         x, z = images.detach().to(device), torch.randn(a.n, classes, device=device)
         start = time.perf_counter()
-        train_network(net, x, z, protocol, (a.student_epochs + 1) * per_epoch, classes, g,
-                      make_augment(protocol, True).to(device))
+        train_network(
+            net, x, z, protocol, (a.student_epochs + 1) * per_epoch, classes, g, make_augment(protocol, True).to(device)
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         out["student_seconds"] = time.perf_counter() - start
@@ -154,8 +155,23 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_point(a: argparse.Namespace, n: int, chunk: int | None, student_epochs: int = 0) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", "--n", str(n), "--device", a.device, "--width", str(a.width),
-           "--threads", str(a.threads), "--repeats", str(a.repeats), "--student-epochs", str(student_epochs)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--n",
+        str(n),
+        "--device",
+        a.device,
+        "--width",
+        str(a.width),
+        "--threads",
+        str(a.threads),
+        "--repeats",
+        str(a.repeats),
+        "--student-epochs",
+        str(student_epochs),
+    ]
     if chunk is not None:
         cmd += ["--chunk", str(chunk)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -187,16 +203,22 @@ def markdown(r: dict[str, Any]) -> str:
     def row(x: dict[str, Any], first: str) -> str:
         if "error" in x:
             return f"| {first} | failed: {x['error']} | | | |"
-        return (f"| {first} | {x['peak_mb']:.1f} | {x['set_side_mb']:.1f} | {x['network_mb']:.1f} | "
-                f"{x['seconds_per_update']:.3f} |")
+        return (
+            f"| {first} | {x['peak_mb']:.1f} | {x['set_side_mb']:.1f} | {x['network_mb']:.1f} | "
+            f"{x['seconds_per_update']:.3f} |"
+        )
 
     lines += [row(x, str(x["n"])) for x in r["by_size"]] or ["| (not run) | | | | |"]
     flat = r.get("size_spread_network")
     if flat is not None:
         lines += ["", f"Network working memory spread over the sizes: {100 * flat:.1f} % (target: within 10 %)."]
-    lines += ["", f"### Peak memory against the chunk size ({r['chunk_set']} images)", "",
-              "| chunk | peak (MB) | set-side buffers (MB) | network working memory (MB) | s / update |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"### Peak memory against the chunk size ({r['chunk_set']} images)",
+        "",
+        "| chunk | peak (MB) | set-side buffers (MB) | network working memory (MB) | s / update |",
+        "|---|---|---|---|---|",
+    ]
     lines += [row(x, str(x["chunk"])) for x in r["by_chunk"]] or ["| (not run) | | | | |"]
     if r.get("paper"):
         p = r["paper"]
@@ -248,8 +270,15 @@ def main() -> None:
         return
     sizes = [int(s) for s in a.sizes.split(",") if s]
     chunks = [int(s) for s in a.chunks.split(",") if s]
-    res: dict[str, Any] = {"device": a.device, "width": a.width, "threads": a.threads, "chunk": a.chunk,
-                           "chunk_set": a.chunk_set, "stamp": stamp(), "lscpu_model": lscpu_model()}
+    res: dict[str, Any] = {
+        "device": a.device,
+        "width": a.width,
+        "threads": a.threads,
+        "chunk": a.chunk,
+        "chunk_set": a.chunk_set,
+        "stamp": stamp(),
+        "lscpu_model": lscpu_model(),
+    }
     res["by_size"] = []
     for n in sizes:
         res["by_size"].append(run_point(a, n, a.chunk))

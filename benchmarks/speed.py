@@ -115,7 +115,11 @@ def _apm(ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationM
     epochs, k = {"official": (250, 5), "cpu": (50, 5), "smoke": (2, 1)}[profile]
     spec = TeacherSpec(arch_kwargs=width, num_teachers=2)
     method = APM(
-        synthetic=PixelSet(ipc=ipc), arch_kwargs=width, teachers=spec, student_epochs=epochs, num_checkpoints=k,
+        synthetic=PixelSet(ipc=ipc),
+        arch_kwargs=width,
+        teachers=spec,
+        student_epochs=epochs,
+        num_checkpoints=k,
         precision=precision,
     )
     original = method.setup_method
@@ -519,9 +523,7 @@ def markdown(res: dict[str, Any]) -> str:
         if r.get("gflops") is None:  # FLOPs not countable for this method (forward-mode AD)
             flop_cells = "– | – | – |"
         else:
-            flop_cells = (
-                f"{r['flops_per_step'] / 1e9:.2f} | {r['gflops']:.1f} | {100 * r['matmul_fraction']:.1f} % |"
-            )
+            flop_cells = f"{r['flops_per_step'] / 1e9:.2f} | {r['gflops']:.1f} | {100 * r['matmul_fraction']:.1f} % |"
         lines.append(
             f"| {r['method']} | {r['input']} | {r['ipc']} | {r['real_batch']} | {alloc} | {prec} "
             f"| {r['median_ms']:.1f} |{vs} {r['peak_mb']:.0f} | {flop_cells}"

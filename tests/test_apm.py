@@ -240,8 +240,17 @@ def test_export_stores_teacher_logits_and_their_storage(data_root, tmp_path):
     # The dc protocol keeps treating such labels as classes (their argmax).
     x_te, y_te = torch.randn(20, 1, 28, 28), torch.arange(20) % 10
     r = train_on_distilled(
-        payload["images"], payload["labels"], x_te, y_te, protocol="dc", repeats=1, steps=2, flip=False,
-        arch_kwargs={"width": 8}, progress=False, device="cpu",
+        payload["images"],
+        payload["labels"],
+        x_te,
+        y_te,
+        protocol="dc",
+        repeats=1,
+        steps=2,
+        flip=False,
+        arch_kwargs={"width": 8},
+        progress=False,
+        device="cpu",
     )
     assert r.extra["labels"] == "argmax class"
 
@@ -257,8 +266,17 @@ def test_apm_protocol_trains_on_teacher_logits(data_root):
     logits = pool.logits(0, x)
     teacher_acc = float((pool.net(0)(dm.x_test).argmax(1) == dm.y_test).float().mean() * 100)
     r = train_on_distilled(
-        x, logits, dm.x_test, dm.y_test, protocol="apm", repeats=1, steps=60, flip=False,
-        arch_kwargs={"width": 16}, progress=False, device="cpu",
+        x,
+        logits,
+        dm.x_test,
+        dm.y_test,
+        protocol="apm",
+        repeats=1,
+        steps=60,
+        flip=False,
+        arch_kwargs={"width": 16},
+        progress=False,
+        device="cpu",
     )
     assert r.protocol == "apm" and r.extra["labels"] == "as stored"
     assert r.extra["protocol"]["loss"] == "l1_mean" and r.extra["protocol"]["lr"] == 0.01
@@ -281,8 +299,13 @@ def test_set_on_cpu_while_networks_run_on_the_accelerator(data_root, tmp_path):
     L.seed_everything(0, verbose=False)
     method = tiny_apm(set_on_cpu=True, update_syn=4)
     trainer = L.Trainer(
-        max_steps=2, accelerator="cuda", devices=1, logger=False, enable_progress_bar=False,
-        enable_checkpointing=False, default_root_dir=tmp_path,
+        max_steps=2,
+        accelerator="cuda",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(method, datamodule=tiny_mnist_dm(data_root, batch_size=32))
     assert method.synthetic.images.device.type == "cpu" and method.device.type == "cuda"

@@ -34,8 +34,16 @@ METHODS = {
     ),
     "toy_gradients": lambda synthetic, seed: ToyGradients(synthetic=synthetic, seed=seed),
     "rcig": lambda synthetic, seed: RCIG(
-        synthetic=synthetic, arch_kwargs={"width": 8, "depth": 2}, pool_size=3, max_online_steps=4, inner_steps=3,
-        hinv_steps=3, tune_lr=False, inner_lr=1e-2, hinv_lr=1.0, seed=seed,
+        synthetic=synthetic,
+        arch_kwargs={"width": 8, "depth": 2},
+        pool_size=3,
+        max_online_steps=4,
+        inner_steps=3,
+        hinv_steps=3,
+        tune_lr=False,
+        inner_lr=1e-2,
+        hinv_lr=1.0,
+        seed=seed,
     ),
     "apm": lambda synthetic, seed: _apm(synthetic, seed),
     "memories_bptt": lambda synthetic, seed: MemoriesBPTT(

@@ -207,7 +207,7 @@ def test_the_whole_rcig_meta_gradient_matches_finite_differences(use_flip):
     net, params = _net(beta=3.0)
     n = 3
     x_syn = _x(n, seed=11).requires_grad_(True)
-    y_syn = (F.one_hot(torch.arange(n) % C, C).double() - 1 / C + 0.05 * torch.randn(n, C, dtype=torch.float64))
+    y_syn = F.one_hot(torch.arange(n) % C, C).double() - 1 / C + 0.05 * torch.randn(n, C, dtype=torch.float64)
     y_syn.requires_grad_(True)
     x_real = _x(8, seed=12)
     y_real = torch.arange(8) % C
@@ -228,7 +228,18 @@ def test_the_whole_rcig_meta_gradient_matches_finite_differences(use_flip):
         return float(F.cross_entropy(pred * t.exp(), y_real))
 
     mg = meta_gradient(
-        net, params, {}, x_syn, y_syn, x_real, y_real, tau, ridge, exact, exact, use_flip=use_flip,
+        net,
+        params,
+        {},
+        x_syn,
+        y_syn,
+        x_real,
+        y_real,
+        tau,
+        ridge,
+        exact,
+        exact,
+        use_flip=use_flip,
         clip_implicit=False,
     )
     g = torch.Generator().manual_seed(3)
@@ -244,8 +255,10 @@ def test_the_whole_rcig_meta_gradient_matches_finite_differences(use_flip):
             fd -= outer_value(args_m["x"], args_m["y"], tau.detach())
             fd /= 2 * eps
             assert float((grad * d).sum()) == pytest.approx(fd, rel=1e-5, abs=1e-9), name
-    fd_tau = (outer_value(x_syn.detach(), y_syn.detach(), tau.detach() + eps)
-              - outer_value(x_syn.detach(), y_syn.detach(), tau.detach() - eps)) / (2 * eps)
+    fd_tau = (
+        outer_value(x_syn.detach(), y_syn.detach(), tau.detach() + eps)
+        - outer_value(x_syn.detach(), y_syn.detach(), tau.detach() - eps)
+    ) / (2 * eps)
     assert float(mg.grads["log_temperature"]) == pytest.approx(fd_tau, rel=1e-6)
     # The implicit term is not negligible here: the direct term alone is measurably off.
     d = torch.randn(x_syn.shape, generator=g, dtype=torch.float64)

@@ -93,15 +93,23 @@ def _fashion(root):
 
     x, y = FashionMNISTDataModule(root=str(root)).load_split("train")
     x_te, y_te = FashionMNISTDataModule(root=str(root)).load_split("test")
-    return ArrayDataModule(x_train=x[:600], y_train=y[:600], x_test=x_te[:100], y_test=y_te[:100],
-                           name="fashion_mnist", val_size=100)
+    return ArrayDataModule(
+        x_train=x[:600], y_train=y[:600], x_test=x_te[:100], y_test=y_te[:100], name="fashion_mnist", val_size=100
+    )
 
 
 def _nine_classes(root):
     x, y, x_te, y_te = mnist_subset(root)
     keep, keep_te = y < 9, y_te < 9
-    return ArrayDataModule(x_train=x[keep], y_train=y[keep], x_test=x_te[keep_te], y_test=y_te[keep_te],
-                           name="mnist", classes=[str(c) for c in range(9)], val_size=100)
+    return ArrayDataModule(
+        x_train=x[keep],
+        y_train=y[keep],
+        x_test=x_te[keep_te],
+        y_test=y_te[keep_te],
+        name="mnist",
+        classes=[str(c) for c in range(9)],
+        val_size=100,
+    )
 
 
 def _recipe(tmp_path, data_root, method="lightning_distill.methods.APM", extra=""):
@@ -136,8 +144,17 @@ def test_the_teachers_command_builds_the_pool_fit_uses(data_root, tmp_cache, tmp
     out = capsys.readouterr().out
     assert "teacher pool: 2 x convnet" in out and "reported only" in out
     # fit finds the same pool: nothing is trained again.
-    main(["fit", "--config", str(recipe), f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false",
-          "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(recipe),
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.accelerator=cpu",
+        ]
+    )
     assert counted == [0, 1]
 
 
@@ -156,7 +173,15 @@ def test_fit_without_a_pool_and_build_off_says_how_to_build_it(data_root, tmp_ca
 
     recipe = _recipe(tmp_path, data_root, extra="    build_teachers: false\n")
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(recipe), f"--trainer.default_root_dir={tmp_path / 'run'}",
-              "--trainer.logger=false", "--trainer.accelerator=cpu"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(recipe),
+                f"--trainer.default_root_dir={tmp_path / 'run'}",
+                "--trainer.logger=false",
+                "--trainer.accelerator=cpu",
+            ]
+        )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no complete teacher pool for mnist" in err and "lightning-distill teachers --config" in err

@@ -39,9 +39,7 @@ class TimeBudget(Callback):
         margin: fraction of the remaining time the chosen horizon is planned to fill.
     """
 
-    def __init__(
-        self, minutes: float, calibration_steps: int = 20, skip_steps: int = 3, margin: float = 0.95
-    ) -> None:
+    def __init__(self, minutes: float, calibration_steps: int = 20, skip_steps: int = 3, margin: float = 0.95) -> None:
         if minutes <= 0:
             raise ValueError(f"TimeBudget needs a positive number of minutes, got {minutes}")
         if calibration_steps < 1 or skip_steps < 0:

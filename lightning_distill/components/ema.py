@@ -67,5 +67,7 @@ class ParameterEMA:
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device | str | None = None) -> None:
         """Restore :meth:`state_dict` (the configured decay stays)."""
         self.count = int(state["count"])
-        self.values = {k: v.detach().clone().to(device) if device is not None else v.detach().clone()
-                       for k, v in state["values"].items()}
+        self.values = {
+            k: v.detach().clone().to(device) if device is not None else v.detach().clone()
+            for k, v in state["values"].items()
+        }

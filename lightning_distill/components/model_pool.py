@@ -219,9 +219,7 @@ class ModelPool:
     def _store_device(self) -> torch.device:
         return self._device if self._park_device is None else self._park_device
 
-    def _new_member(
-        self, params: dict[str, Tensor], buffers: dict[str, Tensor], step: int, resets: int
-    ) -> _Member:
+    def _new_member(self, params: dict[str, Tensor], buffers: dict[str, Tensor], step: int, resets: int) -> _Member:
         optimizer = self.optimizer_factory(list(params.values()))
         return _Member(params, buffers, optimizer, step=step, resets=resets)
 

@@ -253,6 +253,7 @@ class TeacherPool:
     ) -> TeacherPool:
         """Freshly initialised (seeded) teachers of ``spec``'s architecture: for speed and memory measurements only
         (time and memory do not depend on the weights), never for distillation."""
+
         def build() -> nn.Module:
             return get_net(spec.arch, in_channels, num_classes, image_size, **spec.arch_kwargs)
 

@@ -370,4 +370,3 @@ def meta_gradient(
     }
     timings = {"inner": t1 - t0, "direct": t2 - t1, "hinv": t3 - t2, "implicit": t4 - t3}
     return MetaGradient(grads, direct, implicit, loss.detach(), logs, sol_in, sol_h, timings, g_delta.detach())
-

@@ -266,7 +266,15 @@ class APM(DistillationMethod):
         augment = make_augment(protocol, flip).to(device)
         with torch.enable_grad():
             return train_network(
-                net, x, targets, protocol, steps, k, gen, augment, checkpoint_steps=keep,
+                net,
+                x,
+                targets,
+                protocol,
+                steps,
+                k,
+                gen,
+                augment,
+                checkpoint_steps=keep,
                 precision=self.network_precision,
             )
 

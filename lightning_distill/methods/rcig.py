@@ -173,7 +173,9 @@ class RCIG(DistillationMethod):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 turns the EMA off), got {ema_decay}")
         for name, value in (
-            ("solve_chunk", solve_chunk), ("syn_grad_batch", syn_grad_batch), ("real_grad_batch", real_grad_batch)
+            ("solve_chunk", solve_chunk),
+            ("syn_grad_batch", syn_grad_batch),
+            ("real_grad_batch", real_grad_batch),
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive or null, got {value}")
@@ -183,7 +185,10 @@ class RCIG(DistillationMethod):
         self.pool_park = pool_park
         self.l2_rate, self.use_flip = l2_rate, use_flip
         self.inner_steps, self.inner_solver, self.hinv_steps, self.hinv_solver = (
-            inner_steps, inner_solver, hinv_steps, hinv_solver,
+            inner_steps,
+            inner_solver,
+            hinv_steps,
+            hinv_solver,
         )
         self.solver_tol = solver_tol
         self.inner_lr, self.hinv_lr = float(inner_lr), float(hinv_lr)
@@ -274,9 +279,7 @@ class RCIG(DistillationMethod):
         """The absolute ridge ``l2_rate · N`` (``N``: synthetic images, flips not counted)."""
         return self.l2_rate * self.synthetic.num_images
 
-    def compute_meta_gradient(
-        self, x_syn: Tensor, y_syn: Tensor, x_real: Tensor, y_real: Tensor
-    ) -> MetaGradient:
+    def compute_meta_gradient(self, x_syn: Tensor, y_syn: Tensor, x_real: Tensor, y_real: Tensor) -> MetaGradient:
         """The meta-gradient w.r.t. leaf copies of ``(x_syn, targets)`` and the temperature, at the current model."""
         net, params, buffers = self._network()
         inner, hinv = self.solvers()
