@@ -278,7 +278,9 @@ def eval_rows(obj: dict[str, Any], path: Path) -> list[Row]:
         )
         # Neither column holds a third protocol's score: the notes say it first, with its name.
         other = [f"**{res['protocol']} protocol: {_pm(res)}**"] if row.other else []
-        row.notes = [*other, f"lightning-distill evaluate ({e.get('method', '?')})", *_eval_notes(res)]
+        # The run folder tells apart sets of one method (memories or pixels) that the method name does not.
+        where = f" of {Path(e['path']).parent.name}" if e.get("path") else ""
+        row.notes = [*other, f"lightning-distill evaluate ({e.get('method', '?')}){where}", *_eval_notes(res)]
         rows.append(row)
     return rows
 
