@@ -98,16 +98,14 @@ def legacy_options(r: dict[str, Any], a: argparse.Namespace) -> bool:
     """Whether a partial written before options were recorded matches ``a``, judged from the scores it holds."""
     if a.curve or a.krr_arch_kwargs is None or a.dc_epochs is not None:
         return False  # those leave no trace that can be checked in an old partial
-    random_repeats = a.repeats if a.random_repeats is None else a.random_repeats
-    for key, reps in (("distilled", a.repeats), ("random", random_repeats)):
+    krr_width = json.loads(a.krr_arch_kwargs).get("width")
+    for key, reps in (("distilled", a.repeats), ("random", scoring_options(a)["random_repeats"])):
         for proto, entry in r.get(key, {}).items():
             if len(entry.get("accuracies", ())) != reps:
                 return False
             if a.eval_steps is not None and entry.get("steps") != a.eval_steps:
                 return False
-            if proto == "krr" and entry.get("extra", {}).get("arch_kwargs", {}).get("width") != json.loads(
-                a.krr_arch_kwargs
-            ).get("width"):
+            if proto == "krr" and entry.get("extra", {}).get("arch_kwargs", {}).get("width") != krr_width:
                 return False
     return True
 
@@ -132,7 +130,7 @@ def resumable(partial: Path, export: Path, recipe: Path, a: argparse.Namespace) 
     return r if same else None
 
 
-def why_not(partial: Path, run_dir: Path, a: argparse.Namespace, options: dict[str, Any]) -> str:
+def why_not(run_dir: Path, a: argparse.Namespace) -> str:
     """A short reason why ``partial`` is not resumed (for the message)."""
     if a.fresh:
         return "--fresh"
@@ -186,7 +184,7 @@ def main() -> None:
     options = scoring_options(a)
     resumed = None if a.fresh else resumable(partial, run_dir / "distilled.pt", Path(a.recipe), a)
     if resumed is None and partial.is_file():
-        print(f"{partial} cannot be resumed ({why_not(partial, run_dir, a, options)}): distilling anew", flush=True)
+        print(f"{partial} cannot be resumed ({why_not(run_dir, a)}): distilling anew", flush=True)
         keep_previous(partial)  # set aside under results/replaced/, never silently dropped
     snaps = None
     if resumed is None and a.curve:
@@ -261,7 +259,7 @@ def main() -> None:
         with atomic_path(partial) as tmp:
             tmp.write_text(json.dumps(res, indent=2))
 
-    random_repeats = a.repeats if a.random_repeats is None else a.random_repeats
+    random_repeats = options["random_repeats"]
     for key in ("distilled", "random"):
         res.setdefault(key, {})
     res.setdefault("curve", [])
