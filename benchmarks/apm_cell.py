@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp, write_result  # noqa: E402
+from stamp import score_set, stamp, write_result  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
-from lightning_distill.eval import NO_FLIP_DATASETS, train_on_distilled  # noqa: E402
+from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
 from lightning_distill.synthetic import select_real  # noqa: E402
@@ -120,25 +120,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def score(x: torch.Tensor, y: torch.Tensor, protocol: str, repeats: int) -> dict[str, Any]:
-        kwargs = krr_kwargs if protocol == "krr" else None
         epochs = {"dc": a.dc_epochs}.get(protocol, a.apm_epochs if protocol.startswith("apm") else None)
-        r = train_on_distilled(
-            x,
-            y,
-            x_te,
-            y_te,
-            protocol=protocol,
-            repeats=repeats,
-            num_classes=k,
-            flip=flip,
-            epochs=epochs,
-            steps=a.eval_steps,
-            arch_kwargs=kwargs,
-            device=device,
-            progress=False,
-        )
-        print(f"  {protocol}: {r}", flush=True)
-        return r.to_dict()
+        return score_set(
+            x, y, x_te, y_te, protocol, repeats=repeats, num_classes=k, flip=flip, epochs=epochs, steps=a.eval_steps,
+            arch_kwargs=krr_kwargs if protocol == "krr" else None,
+        )  # fmt: skip
 
     print(
         f"teachers {teacher_s / 60:.1f} min, distilled {steps} steps in {distil_s / 60:.1f} min; evaluating", flush=True

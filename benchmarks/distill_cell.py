@@ -28,10 +28,10 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import keep_previous, stamp, write_result  # noqa: E402
+from stamp import keep_previous, score_set, stamp, write_result  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
-from lightning_distill.eval import NO_FLIP_DATASETS, train_on_distilled  # noqa: E402
+from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
 from lightning_distill.export import load_distilled, save_distilled  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
@@ -213,23 +213,10 @@ def main() -> None:
     x_te, y_te = dm.x_test.cpu(), dm.y_test.cpu()
 
     def score(x, y, protocol, kwargs=None, repeats=a.repeats, epochs=None):
-        r = train_on_distilled(
-            x,
-            y,
-            x_te,
-            y_te,
-            protocol=protocol,
-            repeats=repeats,
-            num_classes=k,
-            flip=flip,
-            epochs=epochs,
-            steps=a.eval_steps,
+        return score_set(
+            x, y, x_te, y_te, protocol, repeats=repeats, num_classes=k, flip=flip, epochs=epochs, steps=a.eval_steps,
             arch_kwargs=kwargs,
-            device="cuda" if torch.cuda.is_available() else "cpu",
-            progress=False,
-        )
-        print(f"  {protocol}: {r}", flush=True)
-        return r.to_dict()
+        )  # fmt: skip
 
     if resumed is not None:
         res: dict[str, Any] = resumed

@@ -6,11 +6,12 @@ from __future__ import annotations
 import datetime
 import shutil
 from pathlib import Path
+from typing import Any
 
 from lightning_distill.io import atomic_path
 from lightning_distill.provenance import commit, hardware, stamp
 
-__all__ = ["REPLACED_DIR", "commit", "hardware", "keep_previous", "stamp", "write_result"]
+__all__ = ["REPLACED_DIR", "commit", "hardware", "keep_previous", "score_set", "stamp", "write_result"]
 
 #: Where a result that a new run replaces is kept, beside the results (the suite's report reads only the top folder).
 REPLACED_DIR = "replaced"
@@ -40,3 +41,46 @@ def write_result(path: Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+def score_set(
+    x: Any,
+    y: Any,
+    x_test: Any,
+    y_test: Any,
+    protocol: str,
+    *,
+    repeats: int,
+    num_classes: int,
+    flip: bool,
+    epochs: int | None = None,
+    steps: int | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score one set the way every cell does: ``repeats`` fresh networks trained on ``(x, y)`` under ``protocol``
+    (``epochs``/``steps``/``arch_kwargs`` override it), tested on ``(x_test, y_test)``, on CUDA when there is one.
+
+    The result is printed as it comes (a cell's scoring runs for tens of minutes; its log says how far it got) and
+    returned as plain data for the result file.
+    """
+    import torch
+
+    from lightning_distill.eval import train_on_distilled
+
+    r = train_on_distilled(
+        x,
+        y,
+        x_test,
+        y_test,
+        protocol=protocol,
+        repeats=repeats,
+        num_classes=num_classes,
+        flip=flip,
+        epochs=epochs,
+        steps=steps,
+        arch_kwargs=arch_kwargs,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        progress=False,
+    )
+    print(f"  {protocol}: {r}", flush=True)
+    return r.to_dict()

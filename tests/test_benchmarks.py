@@ -360,3 +360,38 @@ def test_cell_without_random_real(tmp_path: Path) -> None:
     assert any("random-real networks" in p for p in suite._inconsistencies(res, cell))
     cell0 = suite.Cell(cell.recipe, dataclasses.replace(cell.budget, random_repeats=0))
     assert not any("random-real networks" in p for p in suite._inconsistencies(res, cell0))
+
+
+def test_apm_cell_end_to_end(data_root: Path, tmp_path: Path) -> None:
+    """apm_cell.py on the first 600 MNIST images: a one-teacher pool built on first use (then found in the cache),
+    two outer steps, every protocol scored, the full-data reference row, the result and its table written."""
+    env = _env(mnist_root(data_root, tmp_path / "data", n_train=600, n_test=200), tmp_path / "cache")
+    tiny = [
+        "--model.init_args.teachers.num_teachers=1",
+        "--model.init_args.teachers.epochs=1",
+        "--model.init_args.student_epochs=2",
+        "--model.init_args.num_checkpoints=2",
+    ]
+    cmd = [
+        sys.executable, str(BENCH / "apm_cell.py"), str(REPO / "recipes/apm/mnist_ipc1_cpu.yaml"), "--max-steps", "2",
+        "--repeats", "1", "--eval-steps", "2", "--reference-epochs", "1", "--out", str(tmp_path / "results"),
+        "--threads", THREADS, *tiny,
+    ]  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads((tmp_path / "results" / "apm_mnist_ipc1_cpu.json").read_text())
+    assert (r["method"], r["dataset"], r["ipc"], r["steps"]) == ("APM", "mnist", 1, 2)
+    assert r["teachers"]["teachers"] == 1 and r["label_storage"]["label_kind"] == "logits"
+    for key in ("distilled", "random"):
+        assert set(r[key]) == {"apm", "dc", "krr"} and all(v["steps"] == 2 for v in r[key].values())
+    assert r["distilled"]["apm"]["extra"]["protocol"]["loss"] == "l1_mean"  # the logits, regressed as APM does
+    assert r["reference"]["epochs"] == 1 and 0 <= r["reference"]["test_acc"] <= 100
+    assert not list((tmp_path / "results").glob("*.partial.json"))
+    md = (tmp_path / "results" / "apm_mnist_ipc1_cpu.md").read_text()
+    assert "| APM (ours) |" in md and "full training set" in md and r["stamp"]["commit"] in md
+    # A second cell finds the pool in the cache instead of training it again, and keeps the first result.
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    again = json.loads((tmp_path / "results" / "apm_mnist_ipc1_cpu.json").read_text())
+    assert again["teachers"]["seconds_this_run"] < 1 and again["teachers"]["folder"] == r["teachers"]["folder"]
+    assert list((tmp_path / "results" / "replaced").glob("apm_mnist_ipc1_cpu.*.json"))
