@@ -34,10 +34,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_cell import Snapshots  # noqa: E402
 from stamp import score_set, stamp, write_result  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
+from lightning_distill.export import load_distilled  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
 from lightning_distill.synthetic import select_real  # noqa: E402
@@ -64,6 +66,8 @@ def main() -> None:
     p.add_argument("--krr-arch-kwargs", default=None, help="JSON options of the krr evaluation network")
     p.add_argument("--protocols", default="apm,dc,krr", help="which protocols to score (comma-separated)")
     p.add_argument("--eval-steps", type=int, default=None, help="override every protocol's steps (smoke tests)")
+    p.add_argument("--curve", type=int, default=0, help="score this many snapshots (1 net, apm) for a curve")
+    p.add_argument("--curve-minutes", type=float, default=None, help="spread them over this long (default: all)")
     p.add_argument("--reference-epochs", type=int, default=0, help="train the full-data reference network (0: no)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=None)
@@ -104,6 +108,10 @@ def main() -> None:
         args.append(f"--trainer.max_steps={a.max_steps}")
     t0 = time.perf_counter()
     cli = cli_main(args, run=False)
+    span = a.curve_minutes or left / 60  # a run that stops at max_steps before its time is up says how long it takes
+    snaps = Snapshots(run_dir / "snapshots", span / (a.curve + 1)) if a.curve else None
+    if snaps:
+        cli.trainer.callbacks.append(snaps)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     distil_s = time.perf_counter() - t0
     cell_s = time.perf_counter() - budget_start
@@ -150,6 +158,7 @@ def main() -> None:
         "label_storage": dict(view.storage),
         "distilled": {},
         "random": {},
+        "curve": [],
     }
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"{stem}.partial.json"
@@ -165,6 +174,12 @@ def main() -> None:
         res["distilled"][key] = score(x_syn, logits_syn, name, a.repeats)
         checkpoint()
         res["random"][key] = score(x_rand, logits_rand if proto == "apm" else y_rand, name, random_repeats)
+        checkpoint()
+    # The curve: snapshots of the set (with their label teacher's logits) under the apm protocol, 1 net each.
+    for snap in snaps.taken if snaps else []:
+        payload = load_distilled(snap["path"])
+        r = score(payload["images"], payload["labels"], a.apm_protocol, 1)
+        res["curve"].append({**snap, "apm_acc": r["mean"]})
         checkpoint()
     if a.reference_epochs:
         from lightning_distill.components.teachers import TeacherSpec, train_teacher
@@ -219,6 +234,12 @@ def markdown(r: dict[str, Any]) -> str:
             f"chosen on validation) | | {ref['test_acc']:.2f} | | |"
         ]
     lines += ["", "Networks per evaluation and their settings are in the JSON (`extra` of each result).", ""]
+    lines += [
+        f"- after {c['minutes']:.1f} min (step {c['step']}): apm {c['apm_acc']:.1f} % (1 net)"
+        for c in r.get("curve", [])
+    ]
+    if r.get("curve"):
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -377,7 +377,8 @@ def test_apm_cell_end_to_end(data_root: Path, tmp_path: Path) -> None:
         "--repeats", "1", "--eval-steps", "2", "--reference-epochs", "1", "--out", str(tmp_path / "results"),
         "--threads", THREADS, *tiny,
     ]  # fmt: skip
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    curve = ["--curve", "1", "--curve-minutes", "0.001"]  # a snapshot after the first step, scored on its own
+    p = subprocess.run([*cmd, *curve], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads((tmp_path / "results" / "apm_mnist_ipc1_cpu.json").read_text())
     assert (r["method"], r["dataset"], r["ipc"], r["steps"]) == ("APM", "mnist", 1, 2)
@@ -389,6 +390,8 @@ def test_apm_cell_end_to_end(data_root: Path, tmp_path: Path) -> None:
     assert not list((tmp_path / "results").glob("*.partial.json"))
     md = (tmp_path / "results" / "apm_mnist_ipc1_cpu.md").read_text()
     assert "| APM (ours) |" in md and "full training set" in md and r["stamp"]["commit"] in md
+    assert r["curve"] and r["curve"][0]["step"] >= 1 and 0 <= r["curve"][0]["apm_acc"] <= 100
+    assert f"(step {r['curve'][0]['step']}): apm" in md
     # A second cell finds the pool in the cache instead of training it again, and keeps the first result.
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
