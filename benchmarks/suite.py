@@ -224,6 +224,7 @@ def cell_rows(r: dict[str, Any], path: Path) -> list[Row]:
         method=r["method"],
         krr=r["distilled"].get("krr"),  # an APM cell may score apm and dc only
         dc=r["distilled"].get("dc"),
+        other=r["distilled"].get("apm"),  # apm_cell.py's score under APM's own protocol
         paper=tuple(r["paper"]) if r.get("paper") else None,
         paper_protocol="krr",
         steps=r["steps"],
@@ -240,13 +241,19 @@ def cell_rows(r: dict[str, Any], path: Path) -> list[Row]:
                 method=RANDOM,
                 krr=r["random"].get("krr"),
                 dc=r["random"].get("dc"),
+                other=r["random"].get("apm"),  # random real images with the same teacher's logits
                 paper=tuple(r["random_paper_dc"]) if r.get("random_paper_dc") else None,
                 paper_protocol="dc",
                 **common,
             )
         )
     for row in rows:
-        row.notes += [n for res in (row.krr, row.dc) if res is not None for n in _eval_notes(res)]
+        # Neither column holds a third protocol's score: the notes say it first, with its name (as for evaluations).
+        first = [f"**{row.other['protocol']} protocol: {_pm(row.other)}**"] if row.other else []
+        if row.other and row.method == RANDOM:
+            first.append("apm: labelled with the distilled set's teacher's logits")
+        row.notes = [*first, *row.notes]
+        row.notes += [n for res in (row.krr, row.dc, row.other) if res is not None for n in _eval_notes(res)]
     return rows
 
 

@@ -398,3 +398,7 @@ def test_apm_cell_end_to_end(data_root: Path, tmp_path: Path) -> None:
     again = json.loads((tmp_path / "results" / "apm_mnist_ipc1_cpu.json").read_text())
     assert again["teachers"]["seconds_this_run"] < 1 and again["teachers"]["folder"] == r["teachers"]["folder"]
     assert list((tmp_path / "results" / "replaced").glob("apm_mnist_ipc1_cpu.*.json"))
+    # The results table says each row's apm score first in its notes (neither the krr nor the dc column holds it).
+    rows, md = suite.report(tmp_path / "results", tmp_path / "RESULTS.md")
+    assert [r.other["protocol"] for r in rows if r.method in ("APM", "random real")] == ["apm", "apm"]
+    assert md.count("**apm protocol:") == 2 and "labelled with the distilled set's teacher's logits" in md
