@@ -472,6 +472,40 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def full_data_rows(out: Path, link: str) -> list[str]:
+    """The ceiling: networks trained on the whole training split, from the cells that trained one (``apm_cell.py
+    --reference-epochs``) and their teacher pools, one table row each, latest result per dataset and kind first."""
+    seen, lines = set(), []
+    for path in sorted(out.glob("*.json"), key=lambda q: q.stat().st_mtime, reverse=True):
+        if path.name.endswith(".partial.json"):
+            continue
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(r, dict) or "dataset" not in r:
+            continue
+        s, md = r.get("stamp", {}), path.with_suffix(".md").name
+        source = f"[{md}]({link}/{md})"
+        where = f"{s.get('hardware', '?')} | {s.get('torch', '?')} | {s.get('commit', '?')} | {s.get('date', '?')}"
+        ref, pool = r.get("reference"), r.get("teachers") or {}
+        if ref and (r["dataset"], "reference") not in seen:
+            seen.add((r["dataset"], "reference"))
+            lines.append(
+                f"| {r['dataset']} | one {ref['arch']} {ref['arch_kwargs']} (the `dc` protocol's), DSA, "
+                f"{ref['epochs']} epoch{'s' * (ref['epochs'] != 1)}, checkpoint chosen on validation | "
+                f"**{ref['test_acc']:.2f}** | {ref['minutes']:.1f} min | {where} | {source} |"
+            )
+        if pool.get("test_acc") is not None and (r["dataset"], "pool", pool.get("folder")) not in seen:
+            seen.add((r["dataset"], "pool", pool.get("folder")))
+            lines.append(
+                f"| {r['dataset']} | APM's teacher pool: {pool['teachers']} x {pool.get('arch')} "
+                f"{pool.get('arch_kwargs') or ''}, mean of the pool | {pool['test_acc']:.2f} | "
+                f"{pool['seconds'] / 60:.1f} min | {where} | {source} |"
+            )
+    return sorted(lines, key=lambda line: (_dataset_key(line.split(" | ")[0].strip("| ")), "teacher pool" in line))
+
+
 def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
     """Write RESULTS.md and the plots from every result in ``out``; returns the rows and RESULTS.md's text."""
     from lightning_distill.io import atomic_path
@@ -496,6 +530,19 @@ def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
         table(rows, link) if rows else "No results yet: run `python benchmarks/suite.py --matrix cpu`.",
         "",
     ]
+    full = full_data_rows(out, link)
+    if full:
+        parts += [
+            "## The full training set: the ceiling",
+            "",
+            "Networks trained on the whole training split (validation split held out), tested on the test split: "
+            "what every distilled set is measured against.",
+            "",
+            "| dataset | network | test accuracy (%) | training | hardware | torch | commit | date | details |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *full,
+            "",
+        ]
     if datasets:
         parts += ["## Accuracy against images per class", ""]
         parts += [f"![{d}]({link}/accuracy_vs_ipc_{d}.png)" for d in datasets] + [""]

@@ -402,3 +402,6 @@ def test_apm_cell_end_to_end(data_root: Path, tmp_path: Path) -> None:
     rows, md = suite.report(tmp_path / "results", tmp_path / "RESULTS.md")
     assert [r.other["protocol"] for r in rows if r.method in ("APM", "random real")] == ["apm", "apm"]
     assert md.count("**apm protocol:") == 2 and "labelled with the distilled set's teacher's logits" in md
+    # The full-data reference and the teacher pool are the ceiling, in a table of their own.
+    assert "## The full training set: the ceiling" in md and f"**{r['reference']['test_acc']:.2f}**" in md
+    assert f"APM's teacher pool: 1 x convnet {{'width': 32}}, mean of the pool | {r['teachers']['test_acc']:.2f}" in md
