@@ -249,7 +249,7 @@ def cell_rows(r: dict[str, Any], path: Path) -> list[Row]:
         )
     for row in rows:
         # Neither column holds a third protocol's score: the notes say it first, with its name (as for evaluations).
-        first = [f"**{row.other['protocol']} protocol: {_pm(row.other)}**"] if row.other else []
+        first = [_other_note(row.other)] if row.other else []
         if row.other and row.method == RANDOM:
             first.append("apm: labelled with the distilled set's teacher's logits")
         row.notes = [*first, *row.notes]
@@ -284,7 +284,7 @@ def eval_rows(obj: dict[str, Any], path: Path) -> list[Row]:
             source=path.name,
         )
         # Neither column holds a third protocol's score: the notes say it first, with its name.
-        other = [f"**{res['protocol']} protocol: {_pm(res)}**"] if row.other else []
+        other = [_other_note(res)] if row.other else []
         # The run folder tells apart sets of one method (memories or pixels) that the method name does not.
         where = f" of {Path(e['path']).parent.name}" if e.get("path") else ""
         row.notes = [*other, f"lightning-distill evaluate ({e.get('method', '?')}){where}", *_eval_notes(res)]
@@ -292,9 +292,11 @@ def eval_rows(obj: dict[str, Any], path: Path) -> list[Row]:
     return rows
 
 
-def collect(out: Path) -> tuple[list[Row], dict[str, Any] | None, list[str]]:
-    """Rows from every JSON in ``out``, the speed.py result if present, and the files that were not understood."""
+def collect(out: Path) -> tuple[list[Row], dict[str, Any] | None, list[str], list[tuple[Path, dict[str, Any]]]]:
+    """Rows from every JSON in ``out``, the speed.py result if present, the files that were not understood, and the
+    cell results themselves (path and content: the full-data table reads their references)."""
     rows: list[Row] = []
+    cells: list[tuple[Path, dict[str, Any]]] = []
     speed, ignored = None, []
     for path in sorted(out.glob("*.json")):
         if path.name.endswith(".partial.json"):
@@ -310,6 +312,7 @@ def collect(out: Path) -> tuple[list[Row], dict[str, Any] | None, list[str]]:
             continue  # membership-inference results (benchmarks/privacy.py) carry their own table and picture
         elif "recipe" in obj and "distilled" in obj:
             rows += cell_rows(obj, path)
+            cells.append((path, obj))
         elif isinstance(obj.get("results"), list) and "stamp" in obj:
             try:
                 rows += eval_rows(obj, path)
@@ -320,7 +323,7 @@ def collect(out: Path) -> tuple[list[Row], dict[str, Any] | None, list[str]]:
         elif "rows" not in obj:  # frepo_speed.json and the like have tables of their own
             ignored.append(path.name)
     rows.sort(key=_order)
-    return rows, speed, ignored
+    return rows, speed, ignored, cells
 
 
 def _dataset_key(dataset: str) -> tuple[int, str]:
@@ -332,6 +335,11 @@ def _order(r: Row) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------- reporting
+def _other_note(res: dict[str, Any]) -> str:
+    """A score under a protocol with no column of its own (rtp, apm), said first in a row's notes with its name."""
+    return f"**{res['protocol']} protocol: {_pm(res)}**"
+
+
 def _pm(r: dict[str, Any] | None) -> str:
     return "–" if not r else f"{r['mean']:.1f} ± {r['std']:.1f}"
 
@@ -472,45 +480,37 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def full_data_rows(out: Path, link: str) -> list[str]:
+def full_data_rows(cells: list[tuple[Path, dict[str, Any]]], link: str) -> list[str]:
     """The ceiling: networks trained on the whole training split, from the cells that trained one (``apm_cell.py
-    --reference-epochs``) and their teacher pools, one table row each, latest result per dataset and kind first."""
-    seen, lines = set(), []
-    for path in sorted(out.glob("*.json"), key=lambda q: q.stat().st_mtime, reverse=True):
-        if path.name.endswith(".partial.json"):
-            continue
-        try:
-            r = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not isinstance(r, dict) or "dataset" not in r:
-            continue
+    --reference-epochs``) and their teacher pools; one table row each, from the latest cell, reference first."""
+    found: dict[tuple, str] = {}
+    for path, r in sorted(cells, key=lambda cell: cell[0].stat().st_mtime, reverse=True):
         s, md = r.get("stamp", {}), path.with_suffix(".md").name
-        source = f"[{md}]({link}/{md})"
         where = f"{s.get('hardware', '?')} | {s.get('torch', '?')} | {s.get('commit', '?')} | {s.get('date', '?')}"
+        source, key = f"[{md}]({link}/{md})", _dataset_key(r["dataset"])
         ref, pool = r.get("reference"), r.get("teachers") or {}
-        if ref and (r["dataset"], "reference") not in seen:
-            seen.add((r["dataset"], "reference"))
-            lines.append(
+        if ref:
+            found.setdefault(
+                (*key, 0, ""),
                 f"| {r['dataset']} | one {ref['arch']} {ref['arch_kwargs']} (the `dc` protocol's), DSA, "
                 f"{ref['epochs']} epoch{'s' * (ref['epochs'] != 1)}, checkpoint chosen on validation | "
-                f"**{ref['test_acc']:.2f}** | {ref['minutes']:.1f} min | {where} | {source} |"
+                f"**{ref['test_acc']:.2f}** | {ref['minutes']:.1f} min | {where} | {source} |",
             )
-        if pool.get("test_acc") is not None and (r["dataset"], "pool", pool.get("folder")) not in seen:
-            seen.add((r["dataset"], "pool", pool.get("folder")))
-            lines.append(
+        if pool.get("test_acc") is not None:
+            found.setdefault(
+                (*key, 1, pool.get("folder") or ""),
                 f"| {r['dataset']} | APM's teacher pool: {pool['teachers']} x {pool.get('arch')} "
                 f"{pool.get('arch_kwargs') or ''}, mean of the pool | {pool['test_acc']:.2f} | "
-                f"{pool['seconds'] / 60:.1f} min | {where} | {source} |"
+                f"{pool['seconds'] / 60:.1f} min | {where} | {source} |",
             )
-    return sorted(lines, key=lambda line: (_dataset_key(line.split(" | ")[0].strip("| ")), "teacher pool" in line))
+    return [found[k] for k in sorted(found)]
 
 
 def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
     """Write RESULTS.md and the plots from every result in ``out``; returns the rows and RESULTS.md's text."""
     from lightning_distill.io import atomic_path
 
-    rows, speed, ignored = collect(out)
+    rows, speed, ignored, cells = collect(out)
     link = os.path.relpath(out.resolve(), results_md.resolve().parent)
     datasets = sorted({r.dataset for r in rows}, key=_dataset_key)
     for d in datasets:
@@ -530,7 +530,7 @@ def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
         table(rows, link) if rows else "No results yet: run `python benchmarks/suite.py --matrix cpu`.",
         "",
     ]
-    full = full_data_rows(out, link)
+    full = full_data_rows(cells, link)
     if full:
         parts += [
             "## The full training set: the ceiling",
