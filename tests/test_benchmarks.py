@@ -405,3 +405,51 @@ def test_apm_cell_end_to_end(data_root: Path, tmp_path: Path) -> None:
     # The full-data reference and the teacher pool are the ceiling, in a table of their own.
     assert "## The full training set: the ceiling" in md and f"**{r['reference']['test_acc']:.2f}**" in md
     assert f"APM's teacher pool: 1 x convnet {{'width': 32}}, mean of the pool | {r['teachers']['test_acc']:.2f}" in md
+
+
+def test_sweep_options_are_named_runs() -> None:
+    import sweep
+
+    runs = sweep.parse_options(["lr1e-2 --model.init_args.syn_optimizer.init_args.lr=0.01", "w --a.b='{\"w\": 1}'"])
+    assert runs == {"base": [], "lr1e-2": ["--model.init_args.syn_optimizer.init_args.lr=0.01"], "w": ['--a.b={"w": 1}']}
+    for bad, says in (
+        (["base --a=1"], "used twice"),
+        (["x --a=1", "x --b=2"], "used twice"),
+        (["x"], "at least one override"),
+        (["x a=1"], "--key=value"),
+        (["--a=1"], "start with the run's name"),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            sweep.parse_options(bad)
+
+
+def test_sweep_end_to_end_scores_on_validation_and_resumes(data_root: Path, tmp_path: Path) -> None:
+    """sweep.py on the first 600 MNIST images: the recipe and one variant, two steps each, scored on the held-out
+    validation split; a sweep that died after its first run picks up at the second."""
+    env = _env(mnist_root(data_root, tmp_path / "data", n_train=600, n_test=100), tmp_path / "cache")
+    cmd = [
+        sys.executable, str(BENCH / "sweep.py"), str(REPO / "recipes/frepo/mnist_ipc1_cpu_bf16.yaml"), "--minutes", "1",
+        "--max-steps", "2", "--repeats", "1", "--eval-steps", "2", "--out", str(tmp_path / "results"),
+        "--threads", THREADS, "--option", "small --data.init_args.batch_size=64 --model.init_args.online_batch=64",
+    ]  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / "results" / "sweep_frepo_mnist_ipc1_cpu_bf16.json"
+    r = json.loads(out.read_text())
+    assert list(r["runs"]) == ["base", "small"] and r["best"] in r["runs"]
+    assert r["split"] == "val" and r["val_images"] == 60  # val_size 0.1 of the 600 training images
+    for run in r["runs"].values():
+        assert run["steps"] == 2 and run["val"]["steps"] == 2 and run["val"]["num_images"] == 10
+    assert r["runs"]["small"]["overrides"] == ["--data.init_args.batch_size=64", "--model.init_args.online_batch=64"]
+    md = out.with_suffix(".md").read_text()
+    assert "validation images held out" in md and f"Best on validation: **{r['best']}**" in md
+    assert out.with_suffix(".png").stat().st_size > 0
+    # Died after its first run: the partial keeps it, and only the second run is made again.
+    died = {**r, "runs": {"base": r["runs"]["base"]}}
+    del died["best"]
+    out.with_name(out.stem + ".partial.json").write_text(json.dumps(died))
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "resuming" in p.stdout and "== base" not in p.stdout, p.stdout[-3000:]
+    again = json.loads(out.read_text())
+    assert again["runs"]["base"] == r["runs"]["base"] and list(again["runs"]) == ["base", "small"]
+    assert list((tmp_path / "results" / "replaced").glob("sweep_frepo_mnist_ipc1_cpu_bf16.*.json"))

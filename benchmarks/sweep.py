@@ -1,0 +1,227 @@
+"""Choose how a cell spends its budget by measurement: short runs of one recipe with a few options changed, each
+scored on the validation split held out of the training images (never the test split).
+
+    python benchmarks/sweep.py recipes/frepo/mnist_ipc1_cpu_bf16.yaml --minutes 7 --repeats 2 \
+        --krr-arch-kwargs '{"width": 64}' --threads 1 \
+        --option 'lr1e-2 --model.init_args.syn_optimizer.init_args.lr=0.01' \
+        --option "width64 --model.init_args.arch_kwargs='{\"width\": 64}'"
+
+Every ``--option 'NAME --key=value ...'`` (one shell word, split as a shell would, so
+a JSON value keeps its quotes inside single quotes) is one run: the recipe with those command-line overrides (``base``, the recipe as it
+is, always runs first). The recipe's :class:`~lightning_distill.callbacks.TimeBudget` is set to ``--minutes``, so
+each run fits its whole schedule (cosine horizon) into the short budget, as the full cell fits it into its own.
+
+The distillation never sees the validation images (the DataModule holds them out of ``x_train`` with its seeded
+``val_size``); each final set is scored on them under the ``krr`` protocol with ``--repeats`` networks. Writes
+``benchmarks/results/sweep_<recipe>.{json,md,png}``, stamped, and keeps every finished run in
+``sweep_<recipe>.partial.json`` as it lands: a sweep that dies is picked up at the next run it lacks (when made
+with the same options; otherwise the partial is set aside under ``results/replaced/`` and the sweep starts anew).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stamp import keep_previous, score_set, stamp, write_result  # noqa: E402
+
+from lightning_distill.callbacks import TimeBudget  # noqa: E402
+from lightning_distill.cli import cli_main  # noqa: E402
+from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
+from lightning_distill.io import atomic_path  # noqa: E402
+from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
+
+
+def parse_options(specs: list[str]) -> dict[str, list[str]]:
+    """``--option 'NAME --key=value ...'`` strings as ``{name: overrides}``, ``base`` (no overrides) first.
+
+    One string per run because argparse would take each ``--key=value`` for an option of this script.
+    """
+    runs: dict[str, list[str]] = {"base": []}
+    for spec in specs:
+        name, *overrides = shlex.split(spec) or [""]
+        if not name or name.startswith("-"):
+            raise SystemExit(f"--option {spec!r}: start with the run's name, e.g. --option 'lr1e-2 --key=value'")
+        if name in runs:
+            raise SystemExit(f"--option {name}: the name is used twice (or is 'base', the recipe as it is)")
+        if not overrides:
+            raise SystemExit(f"--option {name}: give at least one override, e.g. --model.init_args.seed=1")
+        bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+        if bad:
+            raise SystemExit(f"--option {name}: overrides are written --key=value, got {bad}")
+        runs[name] = overrides
+    return runs
+
+
+def distil(
+    recipe: str, overrides: list[str], minutes: float, run_dir: Path, max_steps: int | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """One short run of ``recipe`` with ``overrides``, its TimeBudget set to ``minutes`` (``max_steps`` caps the
+    horizon it chooses): ``(method, dm, record)``."""
+    total = int((minutes + 2) * 60)  # the TimeBudget ends the run; max_time is only the hard stop behind it
+    args = [
+        "--config",
+        recipe,
+        *overrides,
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.logger=false",
+        f"--trainer.max_time=00:{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}",
+        "--trainer.enable_progress_bar=false",
+        *([f"--trainer.max_steps={max_steps}"] if max_steps else []),
+    ]
+    cli = cli_main(args, run=False)
+    budgets = [cb for cb in cli.trainer.callbacks if isinstance(cb, TimeBudget)]
+    if not budgets:
+        raise SystemExit(f"{recipe} has no TimeBudget callback: a sweep compares runs of equal wall-clock budgets")
+    for cb in budgets:
+        cb.minutes = float(minutes)
+    t0 = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    seconds = time.perf_counter() - t0
+    steps = cli.trainer.global_step
+    record = {
+        "overrides": overrides,
+        "steps": steps,
+        "horizon": cli.model.config()["horizon"],
+        "distill_minutes": seconds / 60,
+        "ms_per_step": 1000 * seconds / max(steps, 1),
+    }
+    return cli.model, cli.datamodule, record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe")
+    p.add_argument("--minutes", type=float, required=True, help="wall-clock budget of each run")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="'NAME --key=value ...'",
+        help="a run: its name, then its --key=value overrides of the recipe, as one quoted word",
+    )
+    p.add_argument("--repeats", type=int, default=2, help="krr networks per score")
+    p.add_argument("--krr-arch-kwargs", default=None, help="JSON options of the krr evaluation network")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every run's horizon (smoke tests)")
+    p.add_argument("--eval-steps", type=int, default=None, help="override the krr protocol's steps (smoke tests)")
+    p.add_argument("--out", default=None, help="folder for results (default benchmarks/results)")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.minutes <= 0:
+        raise SystemExit(f"--minutes must be positive, got {a.minutes}")
+    runs = parse_options(a.option)
+    tune_cpu_allocator()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    krr_kwargs = json.loads(a.krr_arch_kwargs) if a.krr_arch_kwargs else None
+    stem = f"sweep_{Path(a.recipe).parent.name}_{Path(a.recipe).stem}"
+    out = Path(a.out or Path(__file__).resolve().parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{stem}.partial.json"
+    options = {
+        "minutes": a.minutes,
+        "repeats": a.repeats,
+        "krr_arch_kwargs": krr_kwargs,
+        "eval_steps": a.eval_steps,
+        "max_steps": a.max_steps,
+        "runs": runs,
+    }
+    res: dict[str, Any] = {"recipe": a.recipe, "options": options, "split": "val", "runs": {}}
+    if partial.is_file():
+        old = json.loads(partial.read_text())
+        done = old.get("runs", {})
+        same_runs = all(runs.get(k) == v["overrides"] for k, v in done.items())
+        if old.get("recipe") == a.recipe and {**old["options"], "runs": None} == {**options, "runs": None} and same_runs:
+            res = {**old, "options": options}
+            print(f"resuming {partial}: {', '.join(done) or 'no run'} done", flush=True)
+        else:
+            print(f"{partial} was made with other options: starting anew", flush=True)
+            keep_previous(partial)
+    res.setdefault("stamp", stamp())
+
+    for name, overrides in runs.items():
+        if name in res["runs"]:
+            continue
+        print(f"== {name}: {' '.join(overrides) or '(the recipe as it is)'}", flush=True)
+        method, dm, record = distil(a.recipe, overrides, a.minutes, Path("runs/bench") / stem / name, a.max_steps)
+        view = method.distilled_view()
+        record["val"] = score_set(
+            view.images.cpu(), view.labels.cpu(), dm.x_val.cpu(), dm.y_val.cpu(), "krr", repeats=a.repeats,
+            num_classes=dm.num_classes, flip=dm.name not in NO_FLIP_DATASETS, steps=a.eval_steps,
+            arch_kwargs=krr_kwargs,
+        )  # fmt: skip
+        record["stamp"] = stamp()
+        res.update(method=type(method).__name__, dataset=dm.name, ipc=method.synthetic.ipc, val_images=len(dm.y_val))
+        res["runs"][name] = record
+        with atomic_path(partial) as tmp:  # a sweep takes an hour: keep each finished run
+            tmp.write_text(json.dumps(res, indent=2))
+    res["best"] = max(res["runs"], key=lambda k: res["runs"][k]["val"]["mean"])
+    write_result(out / f"{stem}.json", json.dumps(res, indent=2))
+    partial.unlink(missing_ok=True)
+    write_result(out / f"{stem}.md", markdown(res))
+    keep_previous(out / f"{stem}.png")
+    plot(res, out / f"{stem}.png")
+    print(markdown(res))
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s, o = r["stamp"], r["options"]
+    rows = [
+        f"| {'**' + k + '**' if k == r['best'] else k} | {' '.join(v['overrides']) or '(recipe)'} | {v['steps']} | "
+        f"{v['ms_per_step']:.0f} | {v['val']['mean']:.1f} ± {v['val']['std']:.1f} |"
+        for k, v in r["runs"].items()
+    ]
+    return "\n".join(
+        [
+            f"## Sweep: {r['method']} · {r['dataset']} · IPC {r['ipc']} (`{r['recipe']}`), {o['minutes']:g} min per run",
+            "",
+            f"Each run fits its whole schedule into {o['minutes']:g} minutes (TimeBudget). Scored on the "
+            f"{r['val_images']} validation images held out of the training split (never seen by the distillation, "
+            f"and not the test split), krr protocol, {o['repeats']} network(s), krr network options "
+            f"{o['krr_arch_kwargs']}. Started {s['date']}, {s['hardware']}, torch {s['torch']}, commit {s['commit']}.",
+            "",
+            "| run | overrides | steps | ms/step | val krr (%) |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Best on validation: **{r['best']}**.",
+            "",
+        ]
+    )
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(r["runs"])
+    means = [r["runs"][k]["val"]["mean"] for k in names]
+    stds = [r["runs"][k]["val"]["std"] for k in names]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 4))
+    ax.bar(names, means, yerr=stds, color=["C3" if k == r["best"] else "C0" for k in names])
+    lo = min(m - s for m, s in zip(means, stds))
+    ax.set_ylim(max(0.0, lo - 3), min(100.0, max(m + s for m, s in zip(means, stds)) + 1.5))
+    ax.set_ylabel("validation accuracy (%, krr)")
+    ax.set_title(f"{r['method']} {r['dataset']} IPC {r['ipc']}: {r['options']['minutes']:g} min per run")
+    ax.tick_params(axis="x", rotation=30)
+    s = r["stamp"]
+    fig.text(0.01, 0.01, f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}", fontsize=7)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "offline")
+    main()
