@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_cell import Snapshots  # noqa: E402
-from stamp import score_set, stamp, write_result  # noqa: E402
+from stamp import finish, score_set, stamp  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
@@ -196,10 +196,7 @@ def main() -> None:
             "minutes": (time.perf_counter() - t) / 60,
         }
         print(f"  full-data reference: test {record['test_acc']:.2f} %", flush=True)
-    write_result(out / f"{stem}.json", json.dumps(res, indent=2))
-    partial.unlink(missing_ok=True)
-    write_result(out / f"{stem}.md", markdown(res))
-    print(markdown(res))
+    finish(out, stem, res, markdown)
 
 
 def _pm(r: dict[str, Any] | None) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import keep_previous, stamp, write_result  # noqa: E402
+from stamp import finish, stamp  # noqa: E402
 
 from lightning_distill.eval.continual import run_continual_recipe, summarise, table  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
@@ -83,12 +83,7 @@ def main() -> None:
         with atomic_path(out / f"{stem}.partial.json") as tmp:
             tmp.write_text(json.dumps({"stamp": stamp(), "entries": entries}, indent=2))
     res = {"stamp": stamp(), "entries": entries}
-    write_result(out / f"{stem}.json", json.dumps(res, indent=2))
-    write_result(out / f"{stem}.md", markdown(res))
-    keep_previous(out / f"{stem}.png")
-    plot(res, out / f"{stem}.png")
-    (out / f"{stem}.partial.json").unlink(missing_ok=True)
-    print(markdown(res))
+    finish(out, stem, res, markdown, plot)
 
 
 def markdown(res: dict[str, Any]) -> str:

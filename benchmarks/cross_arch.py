@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import keep_previous, stamp, write_result  # noqa: E402
+from stamp import keep_previous, save_figure, stamp, write_result  # noqa: E402
 
 from lightning_distill.data import check_datamodule_record  # noqa: E402
 from lightning_distill.eval import evaluate_distilled, get_protocol  # noqa: E402
@@ -106,11 +106,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     epochs = f", {res['epochs']} epochs" if res["epochs"] else ""
     ax.set_title(f"cross-architecture, {res['protocol']} protocol{epochs}")
     ax.legend(loc="lower right", fontsize=8)
-    s = res["stamp"]
-    fig.text(0.01, 0.01, f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}", fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, res["stamp"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

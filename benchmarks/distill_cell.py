@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import keep_previous, score_set, stamp, write_result  # noqa: E402
+from stamp import finish, keep_previous, save_figure, score_set, stamp  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
@@ -268,12 +268,7 @@ def main() -> None:
         res["curve"].append({**s, "krr_acc": r["mean"]})
         checkpoint()
     res.pop("snapshots", None)
-    write_result(out / f"{stem}.json", json.dumps(res, indent=2))
-    partial.unlink(missing_ok=True)
-    write_result(out / f"{stem}.md", markdown(res))
-    keep_previous(out / f"{stem}.png")
-    plot(res, out / f"{stem}.png")
-    print(markdown(res))
+    finish(out, stem, res, markdown, plot)
 
 
 def _pm(r: dict[str, Any] | None) -> str:
@@ -360,11 +355,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
         c.set_xlabel("minutes of distillation")
         c.set_ylabel("krr accuracy (%, 1 net)")
         c.set_title("accuracy against minutes")
-    s = r["stamp"]
-    fig.text(0.01, 0.01, f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}", fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)  # a caller that plots several cells (the tests, a notebook) keeps no figure open
+    save_figure(fig, path, r["stamp"])
 
 
 if __name__ == "__main__":

@@ -4,14 +4,26 @@ and the one way a benchmark writes its results, which never drops an earlier res
 from __future__ import annotations
 
 import datetime
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lightning_distill.io import atomic_path
 from lightning_distill.provenance import commit, hardware, stamp
 
-__all__ = ["REPLACED_DIR", "commit", "hardware", "keep_previous", "score_set", "stamp", "write_result"]
+__all__ = [
+    "REPLACED_DIR",
+    "commit",
+    "finish",
+    "hardware",
+    "keep_previous",
+    "save_figure",
+    "score_set",
+    "stamp",
+    "write_result",
+]
 
 #: Where a result that a new run replaces is kept, beside the results (the suite's report reads only the top folder).
 REPLACED_DIR = "replaced"
@@ -41,6 +53,36 @@ def write_result(path: Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+def finish(
+    out: Path,
+    stem: str,
+    res: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None] | None = None,
+) -> None:
+    """Write a finished result as ``<stem>.json``, ``.md`` and (with ``plot``) ``.png``, each keeping the file it
+    replaces (:func:`keep_previous`); then drop the run's ``<stem>.partial.json``, whose scores the JSON now holds,
+    and print the Markdown."""
+    write_result(out / f"{stem}.json", json.dumps(res, indent=2))
+    (out / f"{stem}.partial.json").unlink(missing_ok=True)
+    write_result(out / f"{stem}.md", markdown(res))
+    if plot is not None:
+        keep_previous(out / f"{stem}.png")
+        plot(res, out / f"{stem}.png")
+    print(markdown(res))
+
+
+def save_figure(fig: Any, path: Path, s: dict[str, Any], bottom: float = 0.04) -> None:
+    """Stamp a benchmark's figure with its run (date, hardware, torch, commit) along the bottom, lay it out above
+    ``bottom`` (a fraction of its height), write it and close it (a caller that plots many keeps none open)."""
+    import matplotlib.pyplot as plt
+
+    fig.text(0.01, 0.01, f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}", fontsize=7)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def score_set(
