@@ -310,6 +310,8 @@ def collect(out: Path) -> tuple[list[Row], dict[str, Any] | None, list[str], lis
             ignored.append(path.name)
         elif "privacy" in path.name:
             continue  # membership-inference results (benchmarks/privacy.py) carry their own table and picture
+        elif path.name.startswith("sweep_"):
+            continue  # benchmarks/sweep.py's choices: a section of their own, from their Markdown and picture
         elif "recipe" in obj and "distilled" in obj:
             rows += cell_rows(obj, path)
             cells.append((path, obj))
@@ -563,8 +565,20 @@ def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
             (out / "speed_allocator.md").read_text().replace("## ", "### ", 1),
             "",
         ]
-    for md in sorted(out.glob("cross_arch*.md")):
-        parts += [md.read_text(), ""]
+    sweeps = sorted(out.glob("sweep_*.md"))
+    if sweeps:
+        parts += [
+            "## How a cell's budget is spent: sweeps",
+            "",
+            "`python benchmarks/sweep.py <recipe> --minutes M --option 'NAME --key=value ...'`: short runs of one "
+            "recipe, each with a few options changed, each fitting its whole schedule into the same minutes, scored "
+            "on the validation split held out of the training images (never the test split). The recipe a cell "
+            "keeps is chosen from these tables.",
+            "",
+        ]
+    for md in [*sweeps, *sorted(out.glob("cross_arch*.md"))]:
+        text = md.read_text()
+        parts += [text.replace("## ", "### ", 1) if md in sweeps else text, ""]
         if md.with_suffix(".png").is_file():
             parts += [f"![{md.stem}]({link}/{md.stem}.png)", ""]
     # Sub-folders hold measurements outside the matrix (e.g. more networks for one cell), each with its README.

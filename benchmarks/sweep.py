@@ -6,9 +6,9 @@ scored on the validation split held out of the training images (never the test s
         --option 'lr1e-2 --model.init_args.syn_optimizer.init_args.lr=0.01' \
         --option "width64 --model.init_args.arch_kwargs='{\"width\": 64}'"
 
-Every ``--option 'NAME --key=value ...'`` (one shell word, split as a shell would, so
-a JSON value keeps its quotes inside single quotes) is one run: the recipe with those command-line overrides (``base``, the recipe as it
-is, always runs first). The recipe's :class:`~lightning_distill.callbacks.TimeBudget` is set to ``--minutes``, so
+Every ``--option 'NAME --key=value ...'`` (one shell word, split as a shell would, so a JSON value keeps its quotes
+inside single quotes) is one run: the recipe with those command-line overrides (``base``, the recipe as it is, always
+runs first). The recipe's :class:`~lightning_distill.callbacks.TimeBudget` is set to ``--minutes``, so
 each run fits its whole schedule (cosine horizon) into the short budget, as the full cell fits it into its own.
 
 The distillation never sees the validation images (the DataModule holds them out of ``x_train`` with its seeded
@@ -16,6 +16,7 @@ The distillation never sees the validation images (the DataModule holds them out
 ``benchmarks/results/sweep_<recipe>.{json,md,png}``, stamped, and keeps every finished run in
 ``sweep_<recipe>.partial.json`` as it lands: a sweep that dies is picked up at the next run it lacks (when made
 with the same options; otherwise the partial is set aside under ``results/replaced/`` and the sweep starts anew).
+A finished sweep run again with more ``--option`` runs makes only the new ones.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import keep_previous, score_set, stamp, write_result  # noqa: E402
+from stamp import finish, keep_previous, save_figure, score_set, stamp  # noqa: E402
 
 from lightning_distill.callbacks import TimeBudget  # noqa: E402
 from lightning_distill.cli import cli_main  # noqa: E402
@@ -60,6 +61,32 @@ def parse_options(specs: list[str]) -> dict[str, list[str]]:
             raise SystemExit(f"--option {name}: overrides are written --key=value, got {bad}")
         runs[name] = overrides
     return runs
+
+
+def reusable_runs(
+    partial: Path, finished: Path, recipe: str, options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(runs, what they measured)`` already made under these options: from the partial of a sweep that died, else
+    from a finished sweep being extended with more ``--option`` runs (a run is reused when its name and overrides
+    are the same).
+
+    A partial made under other options is set aside under ``results/replaced/`` (never deleted); a finished result
+    is replaced, and so kept there, when this sweep ends.
+    """
+    runs = options["runs"]
+    for source in (partial, finished):
+        if not source.is_file():
+            continue
+        old = json.loads(source.read_text())
+        made = {"max_steps": None, **old["options"], "runs": None}  # a sweep from before --max-steps: uncapped
+        if old.get("recipe") == recipe and made == {**options, "runs": None}:
+            done = {k: v for k, v in old.get("runs", {}).items() if runs.get(k) == v["overrides"]}
+            print(f"resuming from {source}: {', '.join(done) or 'no run'} done", flush=True)
+            return done, {k: old[k] for k in ("method", "dataset", "ipc", "val_images") if k in old}
+        print(f"{source} was made with other options: running every run anew", flush=True)
+        if source == partial:
+            keep_previous(partial)
+    return {}, {}
 
 
 def distil(
@@ -136,16 +163,8 @@ def main() -> None:
         "runs": runs,
     }
     res: dict[str, Any] = {"recipe": a.recipe, "options": options, "split": "val", "runs": {}}
-    if partial.is_file():
-        old = json.loads(partial.read_text())
-        done = old.get("runs", {})
-        same_runs = all(runs.get(k) == v["overrides"] for k, v in done.items())
-        if old.get("recipe") == a.recipe and {**old["options"], "runs": None} == {**options, "runs": None} and same_runs:
-            res = {**old, "options": options}
-            print(f"resuming {partial}: {', '.join(done) or 'no run'} done", flush=True)
-        else:
-            print(f"{partial} was made with other options: starting anew", flush=True)
-            keep_previous(partial)
+    res["runs"], measured = reusable_runs(partial, out / f"{stem}.json", a.recipe, options)
+    res.update(measured)
     res.setdefault("stamp", stamp())
 
     for name, overrides in runs.items():
@@ -165,32 +184,29 @@ def main() -> None:
         with atomic_path(partial) as tmp:  # a sweep takes an hour: keep each finished run
             tmp.write_text(json.dumps(res, indent=2))
     res["best"] = max(res["runs"], key=lambda k: res["runs"][k]["val"]["mean"])
-    write_result(out / f"{stem}.json", json.dumps(res, indent=2))
-    partial.unlink(missing_ok=True)
-    write_result(out / f"{stem}.md", markdown(res))
-    keep_previous(out / f"{stem}.png")
-    plot(res, out / f"{stem}.png")
-    print(markdown(res))
+    finish(out, stem, res, markdown, plot)
 
 
 def markdown(r: dict[str, Any]) -> str:
     s, o = r["stamp"], r["options"]
     rows = [
         f"| {'**' + k + '**' if k == r['best'] else k} | {' '.join(v['overrides']) or '(recipe)'} | {v['steps']} | "
-        f"{v['ms_per_step']:.0f} | {v['val']['mean']:.1f} ± {v['val']['std']:.1f} |"
+        f"{v['ms_per_step']:.0f} | {v['val']['mean']:.1f} ± {v['val']['std']:.1f} | {v['stamp']['date']} |"
         for k, v in r["runs"].items()
     ]
     return "\n".join(
         [
-            f"## Sweep: {r['method']} · {r['dataset']} · IPC {r['ipc']} (`{r['recipe']}`), {o['minutes']:g} min per run",
+            f"## Sweep: {r['method']} · {r['dataset']} · IPC {r['ipc']} (`{r['recipe']}`), "
+            f"{o['minutes']:g} min per run",
             "",
             f"Each run fits its whole schedule into {o['minutes']:g} minutes (TimeBudget). Scored on the "
             f"{r['val_images']} validation images held out of the training split (never seen by the distillation, "
             f"and not the test split), krr protocol, {o['repeats']} network(s), krr network options "
-            f"{o['krr_arch_kwargs']}. Started {s['date']}, {s['hardware']}, torch {s['torch']}, commit {s['commit']}.",
+            f"{o['krr_arch_kwargs']}. {s['hardware']}, torch {s['torch']}; last invoked {s['date']} at commit "
+            f"{s['commit']} (each run's own stamp is in the JSON).",
             "",
-            "| run | overrides | steps | ms/step | val krr (%) |",
-            "|---|---|---|---|---|",
+            "| run | overrides | steps | ms/step | val krr (%) | run at |",
+            "|---|---|---|---|---|---|",
             *rows,
             "",
             f"Best on validation: **{r['best']}**.",
@@ -210,16 +226,12 @@ def plot(r: dict[str, Any], path: Path) -> None:
     stds = [r["runs"][k]["val"]["std"] for k in names]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 4))
     ax.bar(names, means, yerr=stds, color=["C3" if k == r["best"] else "C0" for k in names])
-    lo = min(m - s for m, s in zip(means, stds))
-    ax.set_ylim(max(0.0, lo - 3), min(100.0, max(m + s for m, s in zip(means, stds)) + 1.5))
+    lo = min(m - s for m, s in zip(means, stds, strict=True))
+    ax.set_ylim(max(0.0, lo - 3), min(100.0, max(m + s for m, s in zip(means, stds, strict=True)) + 1.5))
     ax.set_ylabel("validation accuracy (%, krr)")
     ax.set_title(f"{r['method']} {r['dataset']} IPC {r['ipc']}: {r['options']['minutes']:g} min per run")
     ax.tick_params(axis="x", rotation=30)
-    s = r["stamp"]
-    fig.text(0.01, 0.01, f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}", fontsize=7)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, r["stamp"], bottom=0.05)
 
 
 if __name__ == "__main__":

@@ -410,8 +410,8 @@ def test_apm_cell_end_to_end(data_root: Path, tmp_path: Path) -> None:
 def test_sweep_options_are_named_runs() -> None:
     import sweep
 
-    runs = sweep.parse_options(["lr1e-2 --model.init_args.syn_optimizer.init_args.lr=0.01", "w --a.b='{\"w\": 1}'"])
-    assert runs == {"base": [], "lr1e-2": ["--model.init_args.syn_optimizer.init_args.lr=0.01"], "w": ['--a.b={"w": 1}']}
+    runs = sweep.parse_options(["lr --model.init_args.syn_optimizer.init_args.lr=0.01", "w --a.b='{\"w\": 1}'"])
+    assert runs == {"base": [], "lr": ["--model.init_args.syn_optimizer.init_args.lr=0.01"], "w": ['--a.b={"w": 1}']}
     for bad, says in (
         (["base --a=1"], "used twice"),
         (["x --a=1", "x --b=2"], "used twice"),
@@ -453,3 +453,13 @@ def test_sweep_end_to_end_scores_on_validation_and_resumes(data_root: Path, tmp_
     again = json.loads(out.read_text())
     assert again["runs"]["base"] == r["runs"]["base"] and list(again["runs"]) == ["base", "small"]
     assert list((tmp_path / "results" / "replaced").glob("sweep_frepo_mnist_ipc1_cpu_bf16.*.json"))
+    # Extended with one more run: only that one is made; the finished runs are reused.
+    p = subprocess.run([*cmd, "--option", "lr --model.init_args.syn_optimizer.init_args.lr=0.01"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0 and "== lr" in p.stdout and "== small" not in p.stdout, p.stdout[-3000:]
+    more = json.loads(out.read_text())
+    assert list(more["runs"]) == ["base", "small", "lr"] and more["runs"]["small"] == again["runs"]["small"]
+    # The results report shows the sweep in a section of its own (not as a file it did not understand).
+    _, report = suite.report(tmp_path / "results", tmp_path / "RESULTS.md")
+    assert "## How a cell's budget is spent: sweeps" in report and f"Best on validation: **{more['best']}**" in report
+    assert "![sweep_frepo_mnist_ipc1_cpu_bf16]" in report and "not understood" not in report
