@@ -118,6 +118,9 @@ SMOKE_BUDGET = Budget(minutes=1, max_steps=2, repeats=1, krr_arch_kwargs={"width
 # FRePo under the precision policy (bf16 where the CPU has it) with a TimeBudget: the recipe chooses its own horizon
 # from the measured step time (28 minutes of fit), so the cell passes no --max-steps; the evaluation as CPU_BUDGET's.
 CPU_BF16_BUDGET = Budget(minutes=30, repeats=5, krr_arch_kwargs={"width": 64}, curve=3)
+# The IPC 1 recipes chosen by benchmarks/sweep.py (sweep_frepo_*_ipc1_cpu_bf16.md): the same evaluation; random real
+# at the same dataset and IPC is scored in the cpu-bf16 cells, so not again here.
+CPU_BF16_SWEPT_BUDGET = Budget(minutes=30, repeats=5, random_repeats=0, krr_arch_kwargs={"width": 64}, curve=3)
 CPU_BF16_BUDGET_IPC10 = Budget(minutes=30, repeats=2, random_repeats=1, krr_arch_kwargs={"width": 64}, curve=0)
 MEMORIES_CPU_BUDGET = Budget(
     minutes=30, max_steps=900, repeats=2, krr_arch_kwargs={"width": 64}, eval_steps=500, curve=0
@@ -154,6 +157,15 @@ MATRICES: dict[str, Matrix] = {
             "and real batch, and a 28-minute TimeBudget choosing the horizon, MNIST and Fashion-MNIST at IPC 1 and 10",
             _cells("frepo", ["mnist", "fashion_mnist"], [1], "_cpu_bf16", CPU_BF16_BUDGET)
             + _cells("frepo", ["mnist", "fashion_mnist"], [10], "_cpu_bf16", CPU_BF16_BUDGET_IPC10),
+        ),
+        Matrix(
+            "cpu-bf16-swept",
+            "FRePo at IPC 1 under the precision policy with the change a 7-minute sweep chose on the validation split "
+            "(MNIST: lr 1e-2; Fashion-MNIST: real batch 256), 28-minute TimeBudget",
+            (
+                Cell("recipes/frepo/mnist_ipc1_cpu_bf16_lr1e-2.yaml", CPU_BF16_SWEPT_BUDGET),
+                Cell("recipes/frepo/fashion_mnist_ipc1_cpu_bf16_b256.yaml", CPU_BF16_SWEPT_BUDGET),
+            ),
         ),
         Matrix(
             "cpu-paper-lr",

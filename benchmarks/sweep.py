@@ -205,7 +205,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"{o['krr_arch_kwargs']}. {s['hardware']}, torch {s['torch']}; last invoked {s['date']} at commit "
             f"{s['commit']} (each run's own stamp is in the JSON).",
             "",
-            "| run | overrides | steps | ms/step | val krr (%) | run at |",
+            "| run | overrides | steps | ms/step | val krr (%) | finished |",
             "|---|---|---|---|---|---|",
             *rows,
             "",
