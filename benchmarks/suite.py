@@ -572,8 +572,8 @@ def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
             "",
             "`python benchmarks/sweep.py <recipe> --minutes M --option 'NAME --key=value ...'`: short runs of one "
             "recipe, each with a few options changed, each fitting its whole schedule into the same minutes, scored "
-            "on the validation split held out of the training images (never the test split). The recipe a cell "
-            "keeps is chosen from these tables.",
+            "on the validation split held out of the training images (never the test split). The change a sweep "
+            "ranks first is then measured as a full cell, and kept only where it beats its recipe there.",
             "",
         ]
     for md in [*sweeps, *sorted(out.glob("cross_arch*.md"))]:
