@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_cell import Snapshots  # noqa: E402
-from stamp import finish, score_set, stamp  # noqa: E402
+from stamp import finish, score_set, stamp, trainer_args  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
@@ -46,11 +46,6 @@ from lightning_distill.synthetic import select_real  # noqa: E402
 
 # Random real images under the DC protocol (Zhao et al., ICLR 2021, Table 1), as in distill_cell.py.
 RANDOM_PAPER = {"mnist": {1: (64.9, 3.5), 10: (95.1, 0.9)}, "fashion_mnist": {1: (51.4, 3.8), 10: (73.8, 0.7)}}
-
-
-def _hms(seconds: float) -> str:
-    seconds = max(60, int(seconds))
-    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def main() -> None:
@@ -95,15 +90,7 @@ def main() -> None:
 
     # 2. Distillation in what is left of the budget.
     left = a.minutes * 60 - (time.perf_counter() - budget_start) - 60  # a minute for start-up and export
-    args = [
-        "--config",
-        a.recipe,
-        f"--trainer.default_root_dir={run_dir}",
-        "--trainer.logger=false",
-        f"--trainer.max_time={_hms(left)}",
-        "--trainer.enable_progress_bar=false",
-        *a.overrides,
-    ]
+    args = ["--config", a.recipe, *trainer_args(run_dir, max(60.0, left)), *a.overrides]
     if a.max_steps:
         args.append(f"--trainer.max_steps={a.max_steps}")
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import finish, keep_previous, save_figure, score_set, stamp  # noqa: E402
+from stamp import finish, keep_previous, save_figure, score_set, stamp, trainer_args  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
@@ -168,17 +168,7 @@ def main() -> None:
     run_dir = Path("runs/bench") / f"{Path(a.recipe).parent.name}_{name}"
     krr_kwargs = json.loads(a.krr_arch_kwargs) if a.krr_arch_kwargs else None
 
-    hh, mm = divmod(int(a.minutes * 60), 3600)
-    args = [
-        "--config",
-        a.recipe,
-        f"--trainer.default_root_dir={run_dir}",
-        "--trainer.logger=false",
-        f"--trainer.max_time=00:{hh:02d}:{mm // 60:02d}:{mm % 60:02d}",
-        "--trainer.enable_progress_bar=false",
-    ]
-    if a.max_steps:
-        args += [f"--trainer.max_steps={a.max_steps}"]
+    args = ["--config", a.recipe, *trainer_args(run_dir, a.minutes * 60, a.max_steps)]
     stem = f"{Path(a.recipe).parent.name}_{name}"
     partial = out / f"{stem}.partial.json"
     options = scoring_options(a)

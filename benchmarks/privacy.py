@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp, write_result  # noqa: E402
+from stamp import stamp, trainer_args, write_result  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS, get_protocol, test_split_for  # noqa: E402
@@ -48,15 +48,10 @@ TARGET = {"distilled_auc_at_most": 0.55, "real_auc_above": 0.6, "accuracy_gap_at
 
 def distil(recipe: str, run_dir: Path, minutes: float, max_steps: int | None, data_root: str | None) -> dict[str, Any]:
     """Run the recipe under the budget; returns where the export is and how far distillation got."""
-    hh, mm = divmod(int(minutes * 60), 3600)
     args = [
         "--config",
         recipe,
-        f"--trainer.default_root_dir={run_dir}",
-        "--trainer.logger=false",
-        f"--trainer.max_time=00:{hh:02d}:{mm // 60:02d}:{mm % 60:02d}",
-        "--trainer.enable_progress_bar=false",
-        *([f"--trainer.max_steps={max_steps}"] if max_steps else []),
+        *trainer_args(run_dir, minutes * 60, max_steps),
         *([f"--data.init_args.root={data_root}", "--data.init_args.download=false"] if data_root else []),
     ]
     start = time.perf_counter()

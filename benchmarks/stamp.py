@@ -1,5 +1,6 @@
-"""What every benchmark shares: the stamp (it lives in the package so that `lightning-distill evaluate` uses it too)
-and the one way a benchmark writes its results, which never drops an earlier result without saying so."""
+"""What every benchmark shares: the stamp (it lives in the package so that `lightning-distill evaluate` uses it too),
+the trainer options its fit runs with, and the one way a benchmark writes its results, which never drops an earlier
+result without saying so."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ __all__ = [
     "save_figure",
     "score_set",
     "stamp",
+    "trainer_args",
     "write_result",
 ]
 
@@ -53,6 +55,20 @@ def write_result(path: Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+def trainer_args(run_dir: Path | str, seconds: float, max_steps: int | None = None) -> list[str]:
+    """The trainer options every benchmark fits a recipe with: its run folder, no logger and no progress bar (the
+    benchmark logs what it measures), a wall-clock stop after ``seconds`` (Lightning's ``DD:HH:MM:SS``) and, when
+    given, a step cap."""
+    s = int(seconds)
+    return [
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.logger=false",
+        f"--trainer.max_time=00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}",
+        "--trainer.enable_progress_bar=false",
+        *([f"--trainer.max_steps={max_steps}"] if max_steps else []),
+    ]
 
 
 def finish(

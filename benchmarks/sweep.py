@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import finish, keep_previous, save_figure, score_set, stamp  # noqa: E402
+from stamp import finish, keep_previous, save_figure, score_set, stamp, trainer_args  # noqa: E402
 
 from lightning_distill.callbacks import TimeBudget  # noqa: E402
 from lightning_distill.cli import cli_main  # noqa: E402
@@ -94,17 +94,8 @@ def distil(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """One short run of ``recipe`` with ``overrides``, its TimeBudget set to ``minutes`` (``max_steps`` caps the
     horizon it chooses): ``(method, dm, record)``."""
-    total = int((minutes + 2) * 60)  # the TimeBudget ends the run; max_time is only the hard stop behind it
-    args = [
-        "--config",
-        recipe,
-        *overrides,
-        f"--trainer.default_root_dir={run_dir}",
-        "--trainer.logger=false",
-        f"--trainer.max_time=00:{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}",
-        "--trainer.enable_progress_bar=false",
-        *([f"--trainer.max_steps={max_steps}"] if max_steps else []),
-    ]
+    # The TimeBudget ends the run; max_time is only the hard stop behind it.
+    args = ["--config", recipe, *overrides, *trainer_args(run_dir, (minutes + 2) * 60, max_steps)]
     cli = cli_main(args, run=False)
     budgets = [cb for cb in cli.trainer.callbacks if isinstance(cb, TimeBudget)]
     if not budgets:
