@@ -78,8 +78,7 @@ def reusable_runs(
         if not source.is_file():
             continue
         old = json.loads(source.read_text())
-        made = {"max_steps": None, **old["options"], "runs": None}  # a sweep from before --max-steps: uncapped
-        if old.get("recipe") == recipe and made == {**options, "runs": None}:
+        if old.get("recipe") == recipe and {**old["options"], "runs": None} == {**options, "runs": None}:
             done = {k: v for k, v in old.get("runs", {}).items() if runs.get(k) == v["overrides"]}
             print(f"resuming from {source}: {', '.join(done) or 'no run'} done", flush=True)
             return done, {k: old[k] for k in ("method", "dataset", "ipc", "val_images") if k in old}
