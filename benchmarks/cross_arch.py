@@ -13,7 +13,6 @@ once, and a re-run with the same options skips what is saved, so an interrupted 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -27,21 +26,12 @@ from stamp import keep_previous, save_figure, stamp, write_result  # noqa: E402
 from lightning_distill.data import check_datamodule_record  # noqa: E402
 from lightning_distill.eval import evaluate_distilled, get_protocol  # noqa: E402
 from lightning_distill.eval.distilled import check_device, check_length  # noqa: E402
-from lightning_distill.export import ExportError, load_distilled  # noqa: E402
+from lightning_distill.export import ExportError, load_distilled, set_digest  # noqa: E402
 from lightning_distill.io import atomic_path  # noqa: E402
 from lightning_distill.nets import list_nets  # noqa: E402
 from lightning_distill.runtime import tune_cpu_allocator  # noqa: E402
 
 ARCHS = ["convnet", "alexnet", "vgg11", "resnet18"]
-
-
-def set_digest(path: str | Path, payload: dict[str, Any] | None = None) -> str:
-    """A short hash of the set's images and labels: which version of a re-exported file a row scored."""
-    payload = load_distilled(path) if payload is None else payload
-    h = hashlib.sha256()
-    for t in (payload["images"], payload["labels"]):
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def set_label(row: dict[str, Any]) -> str:
@@ -160,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if all(old.get(k) == v for k, v in options.items()):
             res["rows"] = old["rows"]  # resume: the same options, so finished cells stand
             res["stamp"] = old.get("stamp", res["stamp"])  # until a row is added, the saved run is what it shows
-    digests = {str(path): set_digest(path, payloads[str(path)]) for path in a.sets}
+    digests = {str(path): set_digest(payloads[str(path)]) for path in a.sets}
     # A saved row stands only for the very set it scored: a path re-exported since (or a row that predates digests)
     # is evaluated again rather than reported under the new set's name.
     kept, stale = [], []
@@ -189,7 +179,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 device=a.device,
             )
             print(f"{path} {r}", flush=True)
-            r.extra["set_digest"] = digests[str(path)]
             res["rows"].append(r.to_dict())
             res["stamp"] = stamp()
             with atomic_path(json_path) as tmp:

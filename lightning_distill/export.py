@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import pickletools
@@ -126,6 +127,18 @@ def load_distilled(path: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(_corrupt(path, e)) from None
     _validate(payload, str(path))
     return payload
+
+
+def set_digest(payload: dict[str, Any]) -> str:
+    """A short hash of an export's images and labels: which version of a re-exported file a score belongs to.
+
+    Results record it beside the file's path, because a run folder's ``distilled.pt`` is replaced when the run is
+    repeated and the path alone would then name another set.
+    """
+    h = hashlib.sha256()
+    for t in (payload["images"], payload["labels"]):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _corrupt(path: Path, e: Exception) -> str:

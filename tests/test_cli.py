@@ -19,7 +19,7 @@ import lightning_distill.eval
 from lightning_distill.callbacks import ExportDistilled
 from lightning_distill.cli import cli_main, main
 from lightning_distill.eval import PROTOCOLS, EvalResult, Protocol
-from lightning_distill.export import load_distilled
+from lightning_distill.export import load_distilled, set_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,8 @@ def test_fit_export_evaluate(data_root, tmp_path, capsys):
     main([*args, "--arch-kwargs", '{"width": 8}', "--no-progress", "--output", str(tmp_path / "w8.json")])
     (r,) = json.loads((tmp_path / "w8.json").read_text())["results"]
     assert r["arch"] == "convnet_frepo" and r["extra"]["arch_kwargs"] == {"norm": "none", "width": 8}
+    # Which set was scored, not only which path: a repeated run replaces the file under the same name.
+    assert r["extra"]["set_digest"] == set_digest(load_distilled(out / "distilled.pt"))
     for bad in ("{width: 8}", "[8]"):
         with pytest.raises(SystemExit):
             main([*args, "--arch-kwargs", bad])

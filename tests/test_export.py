@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_distill.data import DistilledDataModule
-from lightning_distill.export import ExportError, build_export, load_distilled, save_distilled
+from lightning_distill.export import ExportError, build_export, load_distilled, save_distilled, set_digest
 from lightning_distill.synthetic import PixelSet
 
 
@@ -33,6 +33,16 @@ def test_step_is_recorded_when_known(tmp_path):
     s = PixelSet(ipc=1, num_classes=2, image_shape=(1, 4, 4))
     payload = build_export(s.view(), s, {"dataset": "toy"}, method="Toy", config={}, seed=0, step=1234)
     assert load_distilled(save_distilled(payload, tmp_path / "d.pt"))["step"] == 1234
+
+
+def test_set_digest_follows_the_images_and_labels_only(tmp_path):
+    a = _payload()
+    same = load_distilled(save_distilled(dict(a, config={"other": 1}), tmp_path / "d.pt"))  # the file round trip
+    assert set_digest(same) == set_digest(a) and len(set_digest(a)) == 16
+    for key in ("images", "labels"):
+        changed = dict(a, **{key: a[key].clone()})
+        changed[key].view(-1)[0] += 1
+        assert set_digest(changed) != set_digest(a)
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):

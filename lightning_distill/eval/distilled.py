@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_distill.eval.protocols import NO_FLIP_DATASETS, Protocol, get_protocol
 from lightning_distill.eval.train import EvalResult, train_on_distilled
-from lightning_distill.export import load_distilled
+from lightning_distill.export import load_distilled, set_digest
 from lightning_distill.precision import PrecisionMode
 
 #: What every network constructor receives from the evaluation itself; never a user's option.
@@ -276,6 +276,7 @@ def evaluate_distilled(
     )
     result.extra.update(
         path=str(path),
+        set_digest=set_digest(payload),  # the very set scored: a repeated run replaces the file
         dataset=payload["dataset"],
         ipc=int(payload["ipc"]),
         method=payload["method"],
