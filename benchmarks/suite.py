@@ -110,8 +110,10 @@ def _inconsistencies(r: dict[str, Any], cell: Cell) -> list[str]:
         if horizon is not None and steps > horizon:
             out.append(f"{steps} outer steps, beyond {horizon}")
         # Distillation stops at the step horizon or at the wall-clock cap (measured from fit start, so the minutes
-        # recorded, which include building the run, reach the cap); set-up may add a couple of minutes.
-        if not ((horizon is not None and steps >= horizon) or minutes >= 0.98 * b.minutes):
+        # recorded, which include building the run, reach the cap); set-up may add a couple of minutes. A TimeBudget
+        # recipe ends at the horizon it chose (recorded as max_steps), a little before the cap by design.
+        reached = horizon if horizon is not None else r.get("max_steps")
+        if not ((reached is not None and reached > 0 and steps >= reached) or minutes >= 0.98 * b.minutes):
             out.append(f"stopped after {minutes:.1f} min and {steps} steps, short of the budget")
         if minutes > 1.1 * b.minutes + 2:
             out.append(f"ran {minutes:.1f} min, more than {b.minutes:g}")
@@ -287,6 +289,7 @@ def eval_rows(obj: dict[str, Any], path: Path) -> list[Row]:
         other = [_other_note(res)] if row.other else []
         # The run folder tells apart sets of one method (memories or pixels) that the method name does not.
         where = f" of {Path(e['path']).parent.name}" if e.get("path") else ""
+        where += f" (step {e['step']})" if e.get("step") is not None else ""  # which export of that run folder
         row.notes = [*other, f"lightning-distill evaluate ({e.get('method', '?')}){where}", *_eval_notes(res)]
         rows.append(row)
     return rows

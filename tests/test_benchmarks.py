@@ -182,6 +182,21 @@ def test_resume_check_of_results_run_by_hand(tmp_path: Path) -> None:
     assert suite.cell_done(path, cell)[0]
 
 
+def test_resume_check_of_a_time_budget_cell(tmp_path: Path) -> None:
+    """A recipe with a TimeBudget chooses its horizon and ends there, before the wall-clock cap: done, by hand too."""
+    swept = MATRICES["cpu-bf16-swept"].cells
+    (cell,) = [c for c in swept if c.recipe.endswith("fashion_mnist_ipc1_cpu_bf16_b256.yaml")]
+    assert suite.recipe_horizon(cell.path) == -1  # the recipe leaves the horizon to its TimeBudget
+    path = tmp_path / f"{cell.stem}.json"
+    chosen = {"recipe": cell.recipe, "dataset": "fashion_mnist", "random": {}, "max_steps": 7501}
+    path.write_text(json.dumps(_cell_result(STAMP, steps=7501, distill_minutes=27.0, **chosen)))
+    done, why = suite.cell_done(path, cell)
+    assert done, why
+    path.write_text(json.dumps(_cell_result(STAMP, steps=5000, distill_minutes=20.0, **chosen)))  # stopped early
+    done, why = suite.cell_done(path, cell)
+    assert not done and "short of the budget" in why
+
+
 def test_only_selects_by_recipe_path_and_rejects_no_match(tmp_path: Path) -> None:
     env = {**os.environ}
     p = _suite(tmp_path, env, "--matrix", "cpu", "--only", "frepo/mnist_ipc10", "--dry-run")
@@ -203,6 +218,7 @@ def test_report_rows_and_readme_block(tmp_path: Path) -> None:
     (out / "distilled_eval_dc.json").write_text(json.dumps(evaluated))
     # A score under a protocol with no column of its own (the memories paper's rtp) is said in the notes.
     rtp_extra = {**extra, "ipc": 1, "method": "MemoriesBPTT", "path": "runs/bench/memories_mnist_ipc1_cpu/distilled.pt"}
+    rtp_extra["step"] = 900
     rtp = EvalResult("rtp", "convnet", [86.0, 86.5], 290, 300, 3.0, rtp_extra).to_dict()
     (out / "memories_eval_rtp.json").write_text(json.dumps({"stamp": STAMP, "results": [rtp]}))
     # Tables of their own (rows key) are embedded, not read as results; progress files are not results at all.
@@ -225,7 +241,7 @@ def test_report_rows_and_readme_block(tmp_path: Path) -> None:
         ("mnist", 10, "random real"),
     ]
     assert "| 2 | **rtp protocol: 86.2 ± 0.2**;" in md
-    assert "evaluate (MemoriesBPTT) of memories_mnist_ipc1_cpu" in md  # which set, not only which method
+    assert "evaluate (MemoriesBPTT) of memories_mnist_ipc1_cpu (step 900)" in md  # which set, not only which method
     assert "| 90.0 ± 0.0 | 85.0 ± 0.0 | 93.0 ± 0.4 (krr) | 2400 steps, 21.0 min, 525 ms/step |" in md
     assert "| mnist | 10 | random real | – | 65.0 ± 1.0 | 95.1 ± 0.9 (dc) |" in md
     assert "krr net width 64" in md and "def5678" in md and "Test CPU, 2 cores" in md
