@@ -58,6 +58,15 @@ def recipe_horizon(recipe: Path) -> int | None:
     return (cfg.get("trainer") or {}).get("max_steps")
 
 
+def selects(pattern: str, cell: Cell, cells: Sequence[Cell]) -> bool:
+    """Whether ``--only pattern`` picks ``cell``: a recipe's own name picks that recipe alone (``mnist_ipc1_cpu``
+    is also part of ``fashion_mnist_ipc1_cpu``), anything else every recipe path that contains it."""
+    names = {Path(c.recipe).stem for c in cells}
+    if pattern in names or pattern.removesuffix(".yaml") in names:
+        return Path(cell.recipe).stem == pattern.removesuffix(".yaml")
+    return pattern in cell.recipe
+
+
 def cell_done(path: Path, cell: Cell) -> tuple[bool, str]:
     """Whether ``path`` holds this cell's result at this budget, and why (or why not)."""
     if not path.is_file():
@@ -625,7 +634,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--matrix", choices=sorted(MATRICES), help="which cells to run")
     p.add_argument(
-        "--only", nargs="+", default=None, help="run only cells whose recipe path contains one of these (/mnist_ipc10)"
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only cells whose recipe path contains one of these (/mnist_ipc10); a recipe's whole name "
+        "(mnist_ipc1_cpu_bf16_b256) selects that recipe alone, not others that contain it (fashion_mnist_...)",
     )
     p.add_argument("--force", action="store_true", help="re-run cells whose result already exists")
     p.add_argument("--out", default=str(BENCH / "results"), help="results folder (default benchmarks/results)")
@@ -660,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             over["krr_arch_kwargs"] = json.loads(over["krr_arch_kwargs"])
         cells = [dataclasses.replace(c, budget=dataclasses.replace(c.budget, **over)) for c in MATRICES[a.matrix].cells]
         if a.only:
-            cells = [c for c in cells if any(s in c.recipe for s in a.only)]
+            cells = [c for c in cells if any(selects(s, c, cells) for s in a.only)]
             if not cells:
                 names = ", ".join(c.recipe for c in MATRICES[a.matrix].cells)
                 p.error(f"--only {' '.join(a.only)} matches no cell of matrix {a.matrix!r}; its cells: {names}")

@@ -207,6 +207,15 @@ def test_only_selects_by_recipe_path_and_rejects_no_match(tmp_path: Path) -> Non
     assert p.returncode != 0 and "matches no cell" in p.stderr and "mnist_ipc1_cpu_lr3e-3" in p.stderr
 
 
+def test_only_with_a_recipe_name_selects_that_recipe_alone() -> None:
+    cells = MATRICES["cpu-bf16-swept"].cells  # mnist_ipc1_cpu_bf16_b256 is part of fashion_mnist_ipc1_cpu_bf16_b256
+    picked = [c.recipe for c in cells if suite.selects("mnist_ipc1_cpu_bf16_b256", c, cells)]
+    assert picked == ["recipes/frepo/mnist_ipc1_cpu_bf16_b256.yaml"]
+    assert [c.recipe for c in cells if suite.selects("mnist_ipc1_cpu_bf16_b256.yaml", c, cells)] == picked
+    both = [c.recipe for c in cells if suite.selects("ipc1_cpu_bf16_b256", c, cells)]  # not a name: a substring
+    assert len(both) == 2 and picked[0] in both
+
+
 def test_report_rows_and_readme_block(tmp_path: Path) -> None:
     out = tmp_path / "results"
     out.mkdir()
