@@ -96,7 +96,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cli = cli_main(args, run=False)
     span = a.curve_minutes or left / 60  # a run that stops at max_steps before its time is up says how long it takes
-    snaps = Snapshots(run_dir / "snapshots", span / (a.curve + 1)) if a.curve else None
+    snaps = Snapshots(run_dir / "snapshots", span / (a.curve + 1), a.curve) if a.curve else None
     if snaps:
         cli.trainer.callbacks.append(snaps)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -61,17 +61,18 @@ RANDOM_PAPER = {"mnist": {1: (64.9, 3.5), 10: (95.1, 0.9)}, "fashion_mnist": {1:
 
 
 class Snapshots(L.Callback):
-    """Save the set every ``every_min`` minutes of distillation (for the accuracy-against-minutes curve)."""
+    """Save the set every ``every_min`` minutes of distillation, at most ``count`` times (for the accuracy-against-
+    minutes curve: a run that reaches the wall-clock cap would otherwise add one at the very end, the final set)."""
 
-    def __init__(self, folder: Path, every_min: float) -> None:
-        self.folder, self.every, self.start, self.taken = folder, every_min * 60, None, []
+    def __init__(self, folder: Path, every_min: float, count: int) -> None:
+        self.folder, self.every, self.count, self.start, self.taken = folder, every_min * 60, count, None, []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
         elapsed = time.perf_counter() - self.start
-        if elapsed >= self.every * (len(self.taken) + 1):
+        if len(self.taken) < self.count and elapsed >= self.every * (len(self.taken) + 1):
             self.save(trainer, pl_module, elapsed)
 
     def save(self, trainer: L.Trainer, pl_module: Any, elapsed: float) -> None:
@@ -178,7 +179,7 @@ def main() -> None:
         keep_previous(partial)  # set aside under results/replaced/, never silently dropped
     snaps = None
     if resumed is None and a.curve:
-        snaps = Snapshots(run_dir / "snapshots", a.minutes / (a.curve + 1))
+        snaps = Snapshots(run_dir / "snapshots", a.minutes / (a.curve + 1), a.curve)
     t0 = time.perf_counter()
     cli = cli_main(args, run=False)
     method, dm = cli.model, cli.datamodule

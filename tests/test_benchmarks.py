@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -488,3 +489,18 @@ def test_sweep_end_to_end_scores_on_validation_and_resumes(data_root: Path, tmp_
     _, report = suite.report(tmp_path / "results", tmp_path / "RESULTS.md")
     assert "## How a cell's budget is spent: sweeps" in report and f"Best on validation: **{more['best']}**" in report
     assert "![sweep_frepo_mnist_ipc1_cpu_bf16]" in report and "not understood" not in report
+
+
+def test_snapshots_stop_at_the_curve_length(tmp_path: Path) -> None:
+    """--curve N takes N snapshots: a run still going at N+1 intervals (stopped by the wall clock, not its horizon)
+    adds none for the final set, which the cell scores anyway."""
+    import distill_cell
+
+    snaps = distill_cell.Snapshots(tmp_path, every_min=1.0, count=2)
+    saved = []
+    snaps.save = lambda trainer, module, elapsed: saved.append(elapsed) or snaps.taken.append(elapsed)
+    snaps.on_train_start(None, None)
+    for minutes in (0.5, 1.0, 2.0, 3.0, 4.0):
+        snaps.start = time.perf_counter() - 60 * minutes - 1
+        snaps.on_train_batch_end(None, None)
+    assert len(saved) == 2
