@@ -504,3 +504,20 @@ def test_snapshots_stop_at_the_curve_length(tmp_path: Path) -> None:
         snaps.start = time.perf_counter() - 60 * minutes - 1
         snaps.on_train_batch_end(None, None)
     assert len(saved) == 2
+
+
+def test_krr_width_pairs_a_cell_with_the_evaluation_of_its_own_export(tmp_path: Path) -> None:
+    cell = suite.cell_rows(_cell_result(STAMP), tmp_path / "frepo_mnist_ipc1_cpu.json")  # krr at width 64, step 2400
+
+    def evaluated(step: int, kwargs: dict, acc: float) -> list:
+        extra = {"arch_kwargs": kwargs, "dataset": "mnist", "ipc": 1, "method": "FRePo", "step": step}
+        extra["path"] = "runs/bench/frepo_mnist_ipc1_cpu/distilled.pt"
+        res = EvalResult("krr", "convnet_frepo", [acc] * 5, 10, 1000, 1.0, extra).to_dict()
+        return suite.eval_rows({"stamp": STAMP, "results": [res]}, tmp_path / f"e{step}{len(kwargs)}.json")
+
+    paper_net = {"norm": "none"}
+    rows = [*cell, *evaluated(2400, paper_net, 92.0), *evaluated(1200, paper_net, 50.0)]
+    rows += evaluated(2400, {"norm": "none", "width": 32}, 40.0)  # another narrow network: not the paper's
+    (line,) = suite.krr_width_rows(rows, "results")
+    assert "| 2400 | 90.0 ± 0.0 (width 64) | 92.0 ± 0.0 | 5 | 93.0 ± 0.4 | [e24001.json](results/e24001.json) |" in line
+    assert suite.krr_width_rows(cell, "results") == []  # nothing to pair
