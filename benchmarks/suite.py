@@ -322,8 +322,8 @@ def collect(out: Path) -> tuple[list[Row], dict[str, Any] | None, list[str], lis
             ignored.append(path.name)
         elif "privacy" in path.name:
             continue  # membership-inference results (benchmarks/privacy.py) carry their own table and picture
-        elif path.name.startswith("sweep_"):
-            continue  # benchmarks/sweep.py's choices: a section of their own, from their Markdown and picture
+        elif path.name.startswith(("sweep_", "continual_")):
+            continue  # sweep.py's choices and continual.py's curves: sections of their own, from Markdown and picture
         elif "recipe" in obj and "distilled" in obj:
             rows += cell_rows(obj, path)
             cells.append((path, obj))
@@ -631,7 +631,7 @@ def report(out: Path, results_md: Path) -> tuple[list[Row], str]:
             "ranks first is then measured as a full cell, and kept only where it beats its recipe there.",
             "",
         ]
-    for md in [*sweeps, *sorted(out.glob("cross_arch*.md"))]:
+    for md in [*sweeps, *sorted(out.glob("cross_arch*.md")), *sorted(out.glob("continual_*.md"))]:
         text = md.read_text()
         parts += [text.replace("## ", "### ", 1) if md in sweeps else text, ""]
         if md.with_suffix(".png").is_file():

@@ -234,6 +234,9 @@ def test_report_rows_and_readme_block(tmp_path: Path) -> None:
     # Tables of their own (rows key) are embedded, not read as results; progress files are not results at all.
     (out / "cross_arch_mnist.json").write_text(json.dumps({"stamp": STAMP, "rows": []}))
     (out / "cross_arch_mnist.md").write_text("## Cross-architecture accuracy\n\n| set | alexnet |\n")
+    # continual.py's result is a section of its own (its Markdown and picture), not a table row nor "not understood".
+    (out / "continual_mnist.json").write_text(json.dumps({"stamp": STAMP, "entries": []}))
+    (out / "continual_mnist.md").write_text("## Class-incremental continual learning\n\n| memory | step 1 |\n")
     (out / "speed_allocator.md").write_text("## Milliseconds per outer step\n\n| FRePo | tuned (-20 %) |\n")
     (out / "x.partial.json").write_text(json.dumps(_cell_result(STAMP, ipc=50)))
     (out / "extra").mkdir()
@@ -244,6 +247,7 @@ def test_report_rows_and_readme_block(tmp_path: Path) -> None:
     assert "## More networks\n\n| seed 2 | 97.58 |" in md
     assert "## Cross-architecture accuracy\n\n| set | alexnet |" in md and "| FRePo | tuned (-20 %) |" in md
     assert "Files not understood" not in md
+    assert "## Class-incremental continual learning\n\n| memory | step 1 |" in md
     assert [(r.dataset, r.ipc, r.method) for r in rows] == [
         ("mnist", 1, "FRePo"),
         ("mnist", 1, "MemoriesBPTT"),
