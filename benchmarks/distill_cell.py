@@ -95,22 +95,6 @@ def scoring_options(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def legacy_options(r: dict[str, Any], a: argparse.Namespace) -> bool:
-    """Whether a partial written before options were recorded matches ``a``, judged from the scores it holds."""
-    if a.curve or a.krr_arch_kwargs is None or a.dc_epochs is not None:
-        return False  # those leave no trace that can be checked in an old partial
-    krr_width = json.loads(a.krr_arch_kwargs).get("width")
-    for key, reps in (("distilled", a.repeats), ("random", scoring_options(a)["random_repeats"])):
-        for proto, entry in r.get(key, {}).items():
-            if len(entry.get("accuracies", ())) != reps:
-                return False
-            if a.eval_steps is not None and entry.get("steps") != a.eval_steps:
-                return False
-            if proto == "krr" and entry.get("extra", {}).get("arch_kwargs", {}).get("width") != krr_width:
-                return False
-    return True
-
-
 def resumable(partial: Path, export: Path, recipe: Path, a: argparse.Namespace) -> dict[str, Any] | None:
     """The partial result to resume, or None: it must be newer than the recipe, its export must exist, be no older
     than the recipe and no newer than the partial, and it must have been made under the options in ``a``."""
@@ -127,8 +111,7 @@ def resumable(partial: Path, export: Path, recipe: Path, a: argparse.Namespace) 
     recipe_t, export_t, partial_t = recipe.stat().st_mtime, export.stat().st_mtime, partial.stat().st_mtime
     if not (recipe_t < export_t <= partial_t + 1):  # the set written by this recipe, before the first score
         return None
-    same = r["scoring"] == scoring_options(a) if "scoring" in r else legacy_options(r, a)
-    return r if same else None
+    return r if r.get("scoring") == scoring_options(a) else None  # a partial without its options is not resumed
 
 
 def why_not(run_dir: Path, a: argparse.Namespace) -> str:
