@@ -24,6 +24,7 @@ __all__ = [
     "score_set",
     "stamp",
     "trainer_args",
+    "write_figure",
     "write_result",
 ]
 
@@ -93,11 +94,17 @@ def finish(
 def save_figure(fig: Any, path: Path, s: dict[str, Any], bottom: float = 0.04) -> None:
     """Stamp a benchmark's figure with its run (date, hardware, torch, commit) along the bottom, lay it out above
     ``bottom`` (a fraction of its height), write it and close it (a caller that plots many keeps none open)."""
-    import matplotlib.pyplot as plt
-
     fig.text(0.01, 0.01, f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}", fontsize=7)
     fig.tight_layout(rect=(0, bottom, 1, 1))
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path)
+
+
+def write_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` as PNG atomically (a crash leaves the previous picture, never a truncated one) and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -385,6 +385,7 @@ def plot_accuracy(rows: Sequence[Row], dataset: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from stamp import write_figure  # here: it imports torch, which --list and --dry-run need not
 
     paper, random_paper = papers()
     mine = [r for r in rows if r.dataset == dataset]
@@ -436,7 +437,7 @@ def plot_accuracy(rows: Sequence[Row], dataset: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     _footer(fig, mine)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    _save(fig, path)
+    write_figure(fig, path)
 
 
 def plot_time(rows: Sequence[Row], speed: dict[str, Any] | None, path: Path) -> None:
@@ -445,6 +446,7 @@ def plot_time(rows: Sequence[Row], speed: dict[str, Any] | None, path: Path) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from stamp import write_figure  # here: it imports torch, which --list and --dry-run need not
 
     cells = [r for r in rows if r.ms_per_step is not None]
     speed_rows = [r for r in (speed or {}).get("rows", []) if "median_ms" in r]
@@ -475,23 +477,13 @@ def plot_time(rows: Sequence[Row], speed: dict[str, Any] | None, path: Path) -> 
         axes[0, 0].legend(handles=[Patch(color=colour[m], label=m) for m in methods], fontsize=7)
     _footer(fig, cells, extra=[speed["stamp"]] if speed else [])
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    _save(fig, path)
+    write_figure(fig, path)
 
 
 def _footer(fig: Any, rows: Sequence[Row], extra: Sequence[dict[str, Any]] = ()) -> None:
     stamps = {(s.get("hardware"), s.get("torch")) for s in [r.stamp for r in rows] + list(extra)}
     text = " | ".join(f"{h}, torch {t}" for h, t in sorted(stamps, key=str))
     fig.text(0.01, 0.01, text, fontsize=6)
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from lightning_distill.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def full_data_rows(cells: list[tuple[Path, dict[str, Any]]], link: str) -> list[str]:
