@@ -49,9 +49,7 @@ def _pass_fns(width: int, ipc: int, real_batch: int, dtype: str) -> tuple[Callab
     x_syn = torch.randn(10 * ipc, 1, 28, 28, requires_grad=True)
 
     def core(t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        with policy.autocast():
-            out = functional_call(net, t, (policy.input(x),), {"features_only": True})
-        return policy.output(out)
+        return policy.call(lambda x: functional_call(net, t, (x,), {"features_only": True}), x)
 
     return core, tensors, (x_real, x_syn)
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp, trainer_args, write_result  # noqa: E402
+from stamp import stamp, stamp_line, trainer_args, write_result  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS, get_protocol, test_split_for  # noqa: E402
@@ -202,8 +202,7 @@ def main() -> None:
     (out / f"{a.name}.partial.json").unlink(missing_ok=True)
     text = markdown(record, results)
     write_result(out / f"{a.name}.md", text)
-    s = record["stamp"]
-    title = f"FRePo MNIST chunk, IPC 10 · {s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}"
+    title = f"FRePo MNIST chunk, IPC 10 · {stamp_line(record['stamp'])}"
     save_figure(privacy_figure(results, title), out / f"{a.name}.png")
     print(text)
 

@@ -91,10 +91,15 @@ def finish(
     print(markdown(res))
 
 
+def stamp_line(s: dict[str, Any]) -> str:
+    """A stamp as one line for a figure: date · hardware · torch · commit."""
+    return f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}"
+
+
 def save_figure(fig: Any, path: Path, s: dict[str, Any], bottom: float = 0.04) -> None:
     """Stamp a benchmark's figure with its run (date, hardware, torch, commit) along the bottom, lay it out above
     ``bottom`` (a fraction of its height), write it and close it (a caller that plots many keeps none open)."""
-    fig.text(0.01, 0.01, f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}", fontsize=7)
+    fig.text(0.01, 0.01, stamp_line(s), fontsize=7)
     fig.tight_layout(rect=(0, bottom, 1, 1))
     write_figure(fig, path)
 

@@ -11,8 +11,7 @@ A processor that advertises the instructions but runs bf16 through a slow path (
 a capped ``ATEN_CPU_CAPABILITY``) stays in float32.
 
     policy = PrecisionPolicy("auto").bind(device)   # a NetworkPrecision, resolved once
-    with policy.autocast():
-        features = net(policy.input(x))            # bf16 inside, float32 weights and gradients outside
+    features = policy.call(net, x)                  # bf16 inside; float32 out, weights and gradients outside
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import contextlib
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -317,6 +317,12 @@ class NetworkPrecision:
     def output(self, y: Tensor) -> Tensor:
         """A pass's result back in float32, so losses, kernels and targets downstream never see bf16."""
         return y.float() if self.bf16 and y.is_floating_point() else y
+
+    def call(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """One network pass ``fn(x)`` under the policy: ``x`` in the pass's memory format, inside :meth:`autocast`,
+        the result in float32 (``fn`` alone under ``fp32``)."""
+        with self.autocast():
+            return self.output(fn(self.input(x)))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for logs and exports."""

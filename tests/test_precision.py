@@ -98,6 +98,23 @@ def test_bf16_policy_autocasts_and_goes_channels_last():
     assert x.grad.dtype == torch.float32 and net.weight.grad.dtype == torch.float32
 
 
+def test_call_is_one_pass_under_the_policy():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    seen = []
+
+    def fn(xi):
+        seen.append((torch.is_autocast_enabled("cpu"), xi.is_contiguous(memory_format=torch.channels_last)))
+        return torch.nn.functional.conv2d(xi, torch.ones(4, 3, 3, 3))
+
+    y = PrecisionPolicy("bf16").bind("cpu").call(fn, x)
+    assert seen == [(True, True)] and y.dtype == torch.float32  # autocast, NHWC in, float32 out
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32
+    y32 = FP32.call(fn, x)
+    assert seen[-1] == (False, False) and torch.equal(y32, fn(x))  # fp32: fn alone
+    assert torch.allclose(y, y32, rtol=0.02, atol=0.1)
+
+
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="auto, fp32, bf16"):
         PrecisionPolicy("fp16")

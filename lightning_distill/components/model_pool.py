@@ -352,10 +352,7 @@ class ModelPool:
 
     def _apply(self, tensors: dict[str, Tensor], x: Tensor, kwargs: dict[str, Any] | None = None) -> Tensor:
         """One pass of the template under the pool's precision; float32 out (the identity pass under fp32)."""
-        policy = self.precision
-        with policy.autocast():
-            out = functional_call(self._template, tensors, (policy.input(x),), kwargs or {})
-        return policy.output(out)
+        return self.precision.call(lambda x: functional_call(self._template, tensors, (x,), kwargs or {}), x)
 
     def features(self, idx: int, x: Tensor, train: bool = False) -> Tensor:
         """Flattened features of member ``idx`` (FRePo's φ_θ); BN uses running statistics unless ``train``.

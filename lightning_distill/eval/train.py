@@ -202,10 +202,7 @@ def train_network(
             order = torch.randperm(n, generator=generator)
         idx = order[cursor : cursor + bs].to(images.device)
         cursor += bs
-        x = precision.input(augment(images[idx], generator=generator))
-        with precision.autocast():
-            out = net(x)
-        loss = loss_fn(precision.output(out), targets[idx])
+        loss = loss_fn(precision.call(net, augment(images[idx], generator=generator)), targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -235,8 +232,6 @@ def test_accuracy(
     net.eval()
     metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(x_test.device)
     for i in range(0, len(x_test), batch_size):
-        with precision.autocast():
-            logits = net(precision.input(x_test[i : i + batch_size]))
-        metric.update(precision.output(logits), y_test[i : i + batch_size])
+        metric.update(precision.call(net, x_test[i : i + batch_size]), y_test[i : i + batch_size])
     net.train()
     return float(metric.compute()) * 100

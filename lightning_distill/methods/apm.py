@@ -291,18 +291,13 @@ class APM(DistillationMethod):
             if self._stacked is None:
                 self._stacked = stack_checkpoints(self.student_template, self.students, device=x.device)
             params, buffers = self._stacked
-            with p.autocast():
-                return p.output(stacked_logits(self.student_template, params, buffers, p.input(x)))
+            return p.call(lambda x: stacked_logits(self.student_template, params, buffers, x), x)
         template = self.student_template.to(x.device)
         states = [{k: v.to(x.device) for k, v in s.items()} for s in self.students]
-        with p.autocast():
-            return p.output(looped_logits(template, states, p.input(x)))
+        return p.call(lambda x: looped_logits(template, states, x), x)
 
     def _teacher_logits(self, x: Tensor) -> Tensor:
-        p = self.network_precision
-        net = self.pool.net(self.teacher_index, x.device)
-        with p.autocast():
-            return p.output(net(p.input(x)))
+        return self.network_precision.call(self.pool.net(self.teacher_index, x.device), x)
 
     # ----------------------------------------------------------------------------------------- outer step
     def touched_images(self) -> Tensor:
