@@ -173,11 +173,14 @@ MATRICES: dict[str, Matrix] = {
         ),
         Matrix(
             "cpu-bf16-paper-eval",
-            "FRePo on MNIST at IPC 1 under the precision policy, two changes against the curves' early peak (an EMA of "
-            "the set; pool networks kept 300 online steps), scored with the paper's krr network (width 128)",
+            "FRePo on MNIST at IPC 1 under the precision policy, changes against the curves' early peak (an EMA of "
+            "the set; pool networks kept 300 online steps; the learned labels at their own, slower rate), scored with "
+            "the paper's krr network (width 128)",
             (
                 Cell("recipes/frepo/mnist_ipc1_cpu_bf16_ema.yaml", CPU_BF16_PAPER_EVAL_BUDGET),
                 Cell("recipes/frepo/mnist_ipc1_cpu_bf16_online300.yaml", CPU_BF16_PAPER_EVAL_BUDGET),
+                Cell("recipes/frepo/mnist_ipc1_cpu_bf16_lablr1e-3.yaml", CPU_BF16_PAPER_EVAL_BUDGET),
+                Cell("recipes/frepo/mnist_ipc1_cpu_bf16_lablr3e-4.yaml", CPU_BF16_PAPER_EVAL_BUDGET),
             ),
         ),
         Matrix(
