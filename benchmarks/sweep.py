@@ -17,6 +17,10 @@ The distillation never sees the validation images (the DataModule holds them out
 ``sweep_<recipe>.partial.json`` as it lands: a sweep that dies is picked up at the next run it lacks (when made
 with the same options; otherwise the partial is set aside under ``results/replaced/`` and the sweep starts anew).
 A finished sweep run again with more ``--option`` runs makes only the new ones.
+
+Two cores, two sweeps: each process takes some of the runs with its own ``--out``; then one invocation with every
+``--option`` and ``--merge`` of their JSON files (finished, partial, or set aside under ``replaced/``) takes the runs
+they made (same recipe, options and overrides; each run keeps its own stamp) and makes only what none of them has.
 """
 
 from __future__ import annotations
@@ -88,6 +92,31 @@ def reusable_runs(
     return {}, {}
 
 
+def merge_runs(
+    paths: list[Path], recipe: str, options: dict[str, Any], have: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(runs, what they measured)`` taken from other sweeps' JSON files (``--merge``): each asked-for run that
+    ``have`` lacks and a file holds with the same overrides. A file of another recipe or other options is refused,
+    not skipped: its runs do not compare with these."""
+    runs, taken, measured = options["runs"], {}, {}
+    for path in paths:
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"--merge {path}: cannot read it as a sweep's JSON ({err})") from err
+        if old.get("recipe") != recipe or {**old.get("options", {}), "runs": None} != {**options, "runs": None}:
+            raise SystemExit(
+                f"--merge {path}: made from {old.get('recipe')!r} with options {old.get('options')}, not {recipe!r} "
+                f"with { ({**options, 'runs': '...'}) }: merge only sweeps of the same recipe, minutes, repeats and "
+                f"networks"
+            )
+        for name, run in old.get("runs", {}).items():
+            if name not in have and name not in taken and runs.get(name) == run["overrides"]:
+                taken[name] = run
+        measured.update({k: old[k] for k in ("method", "dataset", "ipc", "val_images") if k in old})
+    return taken, measured
+
+
 def distil(
     recipe: str, overrides: list[str], minutes: float, run_dir: Path, max_steps: int | None = None
 ) -> tuple[Any, Any, dict[str, Any]]:
@@ -131,6 +160,14 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None, help="cap every run's horizon (smoke tests)")
     p.add_argument("--eval-steps", type=int, default=None, help="override the krr protocol's steps (smoke tests)")
     p.add_argument("--out", default=None, help="folder for results (default benchmarks/results)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        type=Path,
+        metavar="JSON",
+        help="take the runs these sweeps' JSON files made (same recipe and options), e.g. a second process's",
+    )
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.minutes <= 0:
@@ -154,7 +191,12 @@ def main() -> None:
     }
     res: dict[str, Any] = {"recipe": a.recipe, "options": options, "split": "val", "runs": {}}
     res["runs"], measured = reusable_runs(partial, out / f"{stem}.json", a.recipe, options)
-    res.update(measured)
+    merged, measured_there = merge_runs(a.merge, a.recipe, options, res["runs"])
+    if merged:
+        print(f"merged from {', '.join(map(str, a.merge))}: {', '.join(merged)}", flush=True)
+    res["runs"].update(merged)
+    res["runs"] = {k: res["runs"][k] for k in runs if k in res["runs"]}  # in the order asked for
+    res.update(measured_there, **measured)
     res.setdefault("stamp", stamp())
 
     for name, overrides in runs.items():

@@ -453,6 +453,27 @@ def test_sweep_options_are_named_runs() -> None:
             sweep.parse_options(bad)
 
 
+def test_sweep_merges_the_runs_of_another_process(tmp_path: Path) -> None:
+    import sweep
+
+    runs = sweep.parse_options(["a --x=1", "b --x=2", "c --x=3"])
+    options = {"minutes": 7.0, "repeats": 2, "runs": runs}
+    made = {"base": {"overrides": [], "v": 0}, "b": {"overrides": ["--x=2"], "v": 2}, "d": {"overrides": ["--x=4"]}}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"recipe": "r.yaml", "options": {**options, "runs": {}}, "runs": made, "ipc": 1}))
+    taken, measured = sweep.merge_runs([other], "r.yaml", options, have={"base": {"overrides": [], "v": 9}})
+    assert taken == {"b": made["b"]} and measured == {"ipc": 1}  # base is had; d was not asked for
+    stale = {**made, "a": {"overrides": ["--x=5"]}}  # same name, other overrides: not the asked-for run
+    other.write_text(json.dumps({"recipe": "r.yaml", "options": options, "runs": stale}))
+    assert "a" not in sweep.merge_runs([other], "r.yaml", options, have={})[0]
+    for recipe, opts, says in (("q.yaml", options, "same recipe"), ("r.yaml", {**options, "repeats": 5}, "options")):
+        other.write_text(json.dumps({"recipe": recipe, "options": opts, "runs": made}))
+        with pytest.raises(SystemExit, match=says):
+            sweep.merge_runs([other], "r.yaml", options, have={})
+    with pytest.raises(SystemExit, match="cannot read"):
+        sweep.merge_runs([tmp_path / "missing.json"], "r.yaml", options, have={})
+
+
 def test_sweep_end_to_end_scores_on_validation_and_resumes(data_root: Path, tmp_path: Path) -> None:
     """sweep.py on the first 600 MNIST images: the recipe and one variant, two steps each, scored on the held-out
     validation split; a sweep that died after its first run picks up at the second."""
