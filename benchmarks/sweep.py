@@ -18,9 +18,11 @@ The distillation never sees the validation images (the DataModule holds them out
 with the same options; otherwise the partial is set aside under ``results/replaced/`` and the sweep starts anew).
 A finished sweep run again with more ``--option`` runs makes only the new ones.
 
-Two cores, two sweeps: each process takes some of the runs with its own ``--out``; then one invocation with every
-``--option`` and ``--merge`` of their JSON files (finished, partial, or set aside under ``replaced/``) takes the runs
-they made (same recipe, options and overrides; each run keeps its own stamp) and makes only what none of them has.
+Two cores, two sweeps: each process takes some of the runs with its own ``--out`` (every ``--option``, and
+``--only`` the runs it makes); then one invocation with every ``--option`` and ``--merge`` of their JSON files
+(finished, partial, or set aside under ``replaced/``) takes the runs they made (same recipe, options and overrides;
+each run keeps its own stamp) and makes only what none of them has. ``--name`` keeps a sweep of the same recipe under
+other options (e.g. the full budget) apart from the first one's files.
 """
 
 from __future__ import annotations
@@ -168,16 +170,27 @@ def main() -> None:
         metavar="JSON",
         help="take the runs these sweeps' JSON files made (same recipe and options), e.g. a second process's",
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="make only these runs (``base`` included only if named); the others are left to another process",
+    )
+    p.add_argument("--name", default=None, help="the result files' stem (default sweep_<method>_<recipe>)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.minutes <= 0:
         raise SystemExit(f"--minutes must be positive, got {a.minutes}")
     runs = parse_options(a.option)
+    unknown = sorted(set(a.only or ()) - set(runs))
+    if unknown:
+        raise SystemExit(f"--only {' '.join(unknown)}: no such run; the runs are {', '.join(runs)}")
     tune_cpu_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
     krr_kwargs = json.loads(a.krr_arch_kwargs) if a.krr_arch_kwargs else None
-    stem = f"sweep_{Path(a.recipe).parent.name}_{Path(a.recipe).stem}"
+    stem = a.name or f"sweep_{Path(a.recipe).parent.name}_{Path(a.recipe).stem}"
     out = Path(a.out or Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"{stem}.partial.json"
@@ -200,7 +213,7 @@ def main() -> None:
     res.setdefault("stamp", stamp())
 
     for name, overrides in runs.items():
-        if name in res["runs"]:
+        if name in res["runs"] or (a.only is not None and name not in a.only):
             continue
         print(f"== {name}: {' '.join(overrides) or '(the recipe as it is)'}", flush=True)
         method, dm, record = distil(a.recipe, overrides, a.minutes, Path("runs/bench") / stem / name, a.max_steps)
@@ -215,6 +228,8 @@ def main() -> None:
         res["runs"][name] = record
         with atomic_path(partial) as tmp:  # a sweep takes an hour: keep each finished run
             tmp.write_text(json.dumps(res, indent=2))
+    if not res["runs"]:
+        raise SystemExit("no run was made or merged: name some with --only, or merge the sweeps that made them")
     res["best"] = max(res["runs"], key=lambda k: res["runs"][k]["val"]["mean"])
     finish(out, stem, res, markdown, plot)
 

@@ -472,6 +472,12 @@ def test_sweep_merges_the_runs_of_another_process(tmp_path: Path) -> None:
             sweep.merge_runs([other], "r.yaml", options, have={})
     with pytest.raises(SystemExit, match="cannot read"):
         sweep.merge_runs([tmp_path / "missing.json"], "r.yaml", options, have={})
+    # --only names runs that exist (before anything is loaded or distilled).
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "sweep.py"), "r.yaml", "--minutes", "1", "--option", "a --x=1", "--only", "b"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode != 0 and "--only b: no such run; the runs are base, a" in p.stderr
 
 
 def test_sweep_end_to_end_scores_on_validation_and_resumes(data_root: Path, tmp_path: Path) -> None:
