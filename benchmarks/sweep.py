@@ -248,9 +248,9 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"Each run fits its whole schedule into {o['minutes']:g} minutes (TimeBudget). Scored on the "
             f"{r['val_images']} validation images held out of the training split (never seen by the distillation, "
-            f"and not the test split), krr protocol, {o['repeats']} network(s), krr network options "
-            f"{o['krr_arch_kwargs']}. {s['hardware']}, torch {s['torch']}; last invoked {s['date']} at commit "
-            f"{s['commit']} (each run's own stamp is in the JSON).",
+            f"and not the test split), krr protocol, {o['repeats']} network(s), krr network "
+            f"{o['krr_arch_kwargs'] or 'as the protocol has it'}. {s['hardware']}, torch {s['torch']}; last invoked "
+            f"{s['date']} at commit {s['commit']} (each run's own stamp is in the JSON).",
             "",
             "| run | overrides | steps | ms/step | val krr (%) | finished |",
             "|---|---|---|---|---|---|",
