@@ -23,6 +23,7 @@ __all__ = [
     "save_figure",
     "score_set",
     "stamp",
+    "stamp_line",
     "trainer_args",
     "write_figure",
     "write_result",

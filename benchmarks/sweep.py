@@ -69,6 +69,21 @@ def parse_options(specs: list[str]) -> dict[str, list[str]]:
     return runs
 
 
+def _same_sweep(old: dict[str, Any], recipe: str, options: dict[str, Any]) -> bool:
+    """Whether a sweep's JSON was made from ``recipe`` under ``options`` (its runs aside), so its runs compare."""
+    return old.get("recipe") == recipe and {**old.get("options", {}), "runs": None} == {**options, "runs": None}
+
+
+def _asked_runs(old: dict[str, Any], runs: dict[str, list[str]]) -> dict[str, Any]:
+    """The runs of a sweep's JSON that ``runs`` asks for: the same name with the same overrides."""
+    return {k: v for k, v in old.get("runs", {}).items() if runs.get(k) == v["overrides"]}
+
+
+def _measured(old: dict[str, Any]) -> dict[str, Any]:
+    """What a sweep's JSON says its runs measured (method, dataset, IPC, validation images)."""
+    return {k: old[k] for k in ("method", "dataset", "ipc", "val_images") if k in old}
+
+
 def reusable_runs(
     partial: Path, finished: Path, recipe: str, options: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -84,10 +99,10 @@ def reusable_runs(
         if not source.is_file():
             continue
         old = json.loads(source.read_text())
-        if old.get("recipe") == recipe and {**old["options"], "runs": None} == {**options, "runs": None}:
-            done = {k: v for k, v in old.get("runs", {}).items() if runs.get(k) == v["overrides"]}
+        if _same_sweep(old, recipe, options):
+            done = _asked_runs(old, runs)
             print(f"resuming from {source}: {', '.join(done) or 'no run'} done", flush=True)
-            return done, {k: old[k] for k in ("method", "dataset", "ipc", "val_images") if k in old}
+            return done, _measured(old)
         print(f"{source} was made with other options: running every run anew", flush=True)
         if source == partial:
             keep_previous(partial)
@@ -106,16 +121,16 @@ def merge_runs(
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise SystemExit(f"--merge {path}: cannot read it as a sweep's JSON ({err})") from err
-        if old.get("recipe") != recipe or {**old.get("options", {}), "runs": None} != {**options, "runs": None}:
+        if not _same_sweep(old, recipe, options):
             raise SystemExit(
                 f"--merge {path}: made from {old.get('recipe')!r} with options {old.get('options')}, not {recipe!r} "
                 f"with { ({**options, 'runs': '...'}) }: merge only sweeps of the same recipe, minutes, repeats and "
                 f"networks"
             )
-        for name, run in old.get("runs", {}).items():
-            if name not in have and name not in taken and runs.get(name) == run["overrides"]:
+        for name, run in _asked_runs(old, runs).items():
+            if name not in have and name not in taken:
                 taken[name] = run
-        measured.update({k: old[k] for k in ("method", "dataset", "ipc", "val_images") if k in old})
+        measured.update(_measured(old))
     return taken, measured
 
 
