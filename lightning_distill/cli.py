@@ -238,23 +238,26 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> LightningCL
     # is the state we want (the set after step N, with global_step N, resumes exactly: see the contract tests).
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     classes = _lightning_classes()
-    return classes["DistillCLI"](
-        DistillationMethod,
-        RealDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=classes["LogConfigCallback"],
-        args=list(args) if args is not None else None,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "lightning-distill"},
-    )
+    with warnings.catch_warnings():
+        if args is not None:
+            # Given arguments are the whole command: LightningCLI would warn that the process's own (a benchmark's,
+            # or main's, which hands them on) came too, as if they were meant for it.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+        return classes["DistillCLI"](
+            DistillationMethod,
+            RealDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=classes["LogConfigCallback"],
+            args=list(args) if args is not None else None,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "lightning-distill"},
+        )
 
 
 def fit_main(argv: Sequence[str]) -> LightningCLI:
     """``lightning-distill fit``: distil a set with LightningCLI."""
-    # main hands on the process's own arguments, which LightningCLI would warn about as if they came twice.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     # A refused start (lightning_distill.resume.RunFolderError, a ValueError) is reported by main in one line.
     return cli_main(["fit", *argv])
 

@@ -135,6 +135,15 @@ def test_config_reaches_every_logger(data_root, tmp_path):
     assert saved["model"]["init_args"]["synthetic"]["init_args"]["ipc"] == 1
 
 
+def test_given_arguments_raise_no_warning_about_the_process_own(data_root, tmp_path, monkeypatch, recwarn):
+    """A benchmark calls cli_main with the whole command while its own argv holds other options: no warning then."""
+    monkeypatch.setattr(sys, "argv", ["benchmarks/sweep.py", "recipe.yaml", "--minutes", "7"])
+    out = tmp_path / "run"
+    args = _fit_args("recipes/random/mnist_ipc1.yaml", data_root, out, "--trainer.logger=false")[1:]
+    cli_main(args, run=False)
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]
+
+
 def test_flatten_config():
     flat = cli.flatten_config(
         {
