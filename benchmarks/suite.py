@@ -488,9 +488,14 @@ def _footer(fig: Any, rows: Sequence[Row], extra: Sequence[dict[str, Any]] = ())
 
 def full_data_rows(cells: list[tuple[Path, dict[str, Any]]], link: str) -> list[str]:
     """The ceiling: networks trained on the whole training split, from the cells that trained one (``apm_cell.py
-    --reference-epochs``) and their teacher pools; one table row each, from the latest cell, reference first."""
+    --reference-epochs``) and their teacher pools; one table row each, from the latest cell, reference first.
+
+    Latest by the date each result is stamped with (then by name), not by file time, which a clone does not keep:
+    the report is the same from every checkout."""
     found: dict[tuple, str] = {}
-    for path, r in sorted(cells, key=lambda cell: cell[0].stat().st_mtime, reverse=True):
+    for path, r in sorted(
+        cells, key=lambda cell: (cell[1].get("stamp", {}).get("date", ""), cell[0].name), reverse=True
+    ):
         s, md = r.get("stamp", {}), path.with_suffix(".md").name
         where = f"{s.get('hardware', '?')} | {s.get('torch', '?')} | {s.get('commit', '?')} | {s.get('date', '?')}"
         source, key = f"[{md}]({link}/{md})", _dataset_key(r["dataset"])

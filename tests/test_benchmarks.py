@@ -217,6 +217,22 @@ def test_only_with_a_recipe_name_selects_that_recipe_alone() -> None:
     assert len(both) == 2 and picked[0] in both
 
 
+def test_full_data_rows_take_the_latest_stamp_not_the_latest_file(tmp_path: Path) -> None:
+    """A clone gives every result the same file time: the teacher pool's row comes from the latest stamped cell."""
+
+    def cell(name: str, date: str, acc: float, mtime: int) -> tuple[Path, dict]:
+        path = tmp_path / f"{name}.json"
+        path.write_text("{}")
+        os.utime(path, (mtime, mtime))
+        pool = {"test_acc": acc, "teachers": 2, "arch": "convnet", "arch_kwargs": {}, "seconds": 60, "folder": "t"}
+        return path, {"dataset": "mnist", "stamp": {"date": date}, "teachers": pool}
+
+    old = cell("old", "2026-12-05 20:48 UTC", 98.5, mtime=2_000_000_000)  # the newer file
+    new = cell("new", "2026-12-05 21:28 UTC", 98.7, mtime=1_000_000_000)
+    (row,) = suite.full_data_rows([old, new], "results")
+    assert "98.70" in row and "new.md" in row
+
+
 def test_report_rows_and_readme_block(tmp_path: Path) -> None:
     out = tmp_path / "results"
     out.mkdir()
