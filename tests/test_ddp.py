@@ -61,6 +61,10 @@ def test_one_ddp_step(combo, expected, data_root, tmp_path):
     assert set(ddp) == set(single)
     for n in ddp:
         if expected == "equal" or (expected == "implicit" and n == "log_temperature"):
-            torch.testing.assert_close(ddp[n], single[n], rtol=1e-4, atol=1e-6, msg=n)
+            # Equal in exact arithmetic; in float32 the two sum in other orders, by CPU kernels that differ between
+            # processors: entries near zero then differ by a fraction of the largest (3e-5 of it on an AMD EPYC
+            # with AVX2), so the tolerance scales with the gradient's size rather than each entry's.
+            atol = 1e-4 * single[n].abs().max().item() + 1e-12
+            torch.testing.assert_close(ddp[n], single[n], rtol=1e-4, atol=atol, msg=n)
         else:
             assert not torch.allclose(ddp[n], single[n], rtol=1e-4, atol=1e-6), n
