@@ -235,6 +235,27 @@ def matmul_rates(device: str, n: int, dtypes: tuple[str, ...] = ("float32",), mi
     ]
 
 
+#: The largest matmul timed in bf16 on a device without fast bf16: emulated there (an AMD EPYC with AVX2 ran bf16
+#: products at 0.7-0.9 GFLOP/s), one 4096² product takes minutes, and the rate is the same at this size.
+EMULATED_BF16_MATMUL_SIZE = 512
+
+
+def matmul_size(device: str, asked: int, dtypes: tuple[str, ...]) -> int:
+    """The side of the rate's matmuls: ``asked``, but at most :data:`EMULATED_BF16_MATMUL_SIZE` when bf16 is timed
+    on a device the precision policy finds without fast bf16 (it says so)."""
+    if "bfloat16" not in dtypes or asked <= EMULATED_BF16_MATMUL_SIZE:
+        return asked
+    probe = bf16_probe(device)
+    if probe.instructions:
+        return asked
+    print(
+        f"[speed] {probe.reason()}: bf16 is emulated there, so the matmul rates are measured at "
+        f"{EMULATED_BF16_MATMUL_SIZE}² instead of {asked}² (one {asked}² bf16 product would take minutes)",
+        flush=True,
+    )
+    return EMULATED_BF16_MATMUL_SIZE
+
+
 def matmul_rate(device: str, n: int, min_seconds: float = 2.0) -> dict[str, Any]:
     """Dense float32 ``n × n`` matmul rate of ``device`` in GFLOP/s (2 n³ FLOPs per product)."""
     return matmul_rates(device, n, ("float32",), min_seconds)[0]
@@ -614,11 +635,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     probe = bf16_probe(a.device) if "auto" in precisions else None
     resolved = {PrecisionPolicy(x).resolve(a.device) for x in precisions}
     dtypes = ("float32", "bfloat16") if "bf16" in resolved else ("float32",)
-    rates = matmul_rates(a.device, a.matmul_size, dtypes)
+    rates = matmul_rates(a.device, matmul_size(a.device, a.matmul_size, dtypes), dtypes)
     mm = rates[0]
     rate_of = {"fp32": rates[0]["gflops"], "bf16": rates[-1]["gflops"]}
     for r in rates:
-        print(f"dense {r['dtype']} matmul {a.matmul_size}²: {r['gflops']:.1f} GFLOP/s", flush=True)
+        print(f"dense {r['dtype']} matmul {r['size']}²: {r['gflops']:.1f} GFLOP/s", flush=True)
     if probe is not None:
         print(f"precision policy: {probe.reason()}", flush=True)
     memory = PeakMemory(a.device)

@@ -316,6 +316,21 @@ def test_speed_one_step_per_method(tmp_path: Path) -> None:
     assert "| FRePo | 28px grey | 1 | 64 | default |" in md and "| FRePo | 28px grey | 1 | 64 | tuned (" in md
 
 
+def test_speed_times_emulated_bf16_on_small_matmuls(monkeypatch, capsys) -> None:
+    """Without fast bf16 (faked) the bf16 rate is timed at 512², saying so; with it, or in fp32 alone, as asked."""
+    import speed
+
+    from lightning_distill.precision import Bf16Probe
+
+    both = ("float32", "bfloat16")
+    monkeypatch.setattr(speed, "bf16_probe", lambda device: Bf16Probe(str(device), ()))
+    assert speed.matmul_size("cpu", 4096, both) == speed.EMULATED_BF16_MATMUL_SIZE == 512
+    assert "bf16 is emulated there" in capsys.readouterr().out
+    assert speed.matmul_size("cpu", 4096, ("float32",)) == 4096 and speed.matmul_size("cpu", 256, both) == 256
+    monkeypatch.setattr(speed, "bf16_probe", lambda device: Bf16Probe(str(device), ("amx_bf16",)))
+    assert speed.matmul_size("cpu", 4096, both) == 4096
+
+
 def test_speed_default_allocator_follows_what_runs_get(tmp_path: Path) -> None:
     """Where the allocator cannot be tuned, speed.py measures the default one; asking for tuned is an error."""
     cmd = [sys.executable, str(BENCH / "speed.py"), "--steps", "1", "--ipcs", "1", "--device", "cpu"]
