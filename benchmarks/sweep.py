@@ -157,6 +157,7 @@ def distil(
         "horizon": cli.model.config()["horizon"],
         "distill_minutes": seconds / 60,
         "ms_per_step": 1000 * seconds / max(steps, 1),
+        "precision": cli.model.config().get("precision_resolved", "fp32"),  # what the network passes ran in
     }
     return cli.model, cli.datamodule, record
 
@@ -252,7 +253,8 @@ def main() -> None:
 def markdown(r: dict[str, Any]) -> str:
     s, o = r["stamp"], r["options"]
     rows = [
-        f"| {'**' + k + '**' if k == r['best'] else k} | {' '.join(v['overrides']) or '(recipe)'} | {v['steps']} | "
+        f"| {'**' + k + '**' if k == r['best'] else k} | {' '.join(v['overrides']) or '(recipe)'} | "
+        f"{v.get('precision', '–')} | {v['steps']} | "
         f"{v['ms_per_step']:.0f} | {v['val']['mean']:.1f} ± {v['val']['std']:.1f} | {v['stamp']['date']} |"
         for k, v in r["runs"].items()
     ]
@@ -267,8 +269,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"{o['krr_arch_kwargs'] or 'as the protocol has it'}. {s['hardware']}, torch {s['torch']}; last invoked "
             f"{s['date']} at commit {s['commit']} (each run's own stamp is in the JSON).",
             "",
-            "| run | overrides | steps | ms/step | val krr (%) | finished |",
-            "|---|---|---|---|---|---|",
+            "| run | overrides | precision | steps | ms/step | val krr (%) | finished |",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
             f"Best on validation: **{r['best']}**.",

@@ -29,16 +29,24 @@ def hardware() -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
 
 
+#: Names the commit where the code runs from a copy of the tree without git (a GPU machine the tree was sent to).
+COMMIT_ENV = "LIGHTNING_DISTILL_COMMIT"
+
+
 def commit() -> str:
-    """The checked-out commit, with ``-dirty`` when the tree has uncommitted changes."""
+    """The checked-out commit, with ``-dirty`` when the tree has uncommitted changes; where the tree is no git
+    checkout, ``$LIGHTNING_DISTILL_COMMIT`` (set by whoever copied it) with ``(copy)``, else ``unknown``."""
+    named = os.environ.get(COMMIT_ENV, "").strip()
+    if named and not (REPO / ".git").exists():
+        return f"{named} (copy)"
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
         ).stdout
-        return sha.strip() + ("-dirty" if dirty.strip() else "")
     except OSError:
         return "unknown"
+    return sha.strip() + ("-dirty" if dirty.strip() else "") if sha.strip() else "unknown"
 
 
 def stamp() -> dict[str, Any]:

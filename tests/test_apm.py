@@ -294,6 +294,7 @@ def test_bad_arguments_are_refused_with_the_fix(data_root, tmp_path):
         quiet_trainer(tmp_path, 1).fit(tiny_apm(PixelSet(ipc=1, labels="learned")), datamodule=tiny_mnist_dm(data_root))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_set_on_cpu_while_networks_run_on_the_accelerator(data_root, tmp_path):
     L.seed_everything(0, verbose=False)

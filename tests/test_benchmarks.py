@@ -583,3 +583,16 @@ def test_krr_width_pairs_a_cell_with_the_evaluation_of_its_own_export(tmp_path: 
     (line,) = suite.krr_width_rows(rows, "results")
     assert "| 2400 | 90.0 ± 0.0 (width 64) | 92.0 ± 0.0 | 5 | 93.0 ± 0.4 | [e24001.json](results/e24001.json) |" in line
     assert suite.krr_width_rows(cell, "results") == []  # nothing to pair
+
+
+def test_commit_stamp_of_a_copied_tree_names_the_commit_it_was_given(tmp_path, monkeypatch):
+    # A GPU machine gets a copy of the working tree without .git: its stamps say which commit it was, or unknown.
+    from lightning_distill import provenance
+
+    monkeypatch.setattr(provenance, "REPO", tmp_path)
+    monkeypatch.delenv(provenance.COMMIT_ENV, raising=False)
+    assert provenance.commit() == "unknown"
+    monkeypatch.setenv(provenance.COMMIT_ENV, "abc1234")
+    assert provenance.commit() == "abc1234 (copy)"
+    monkeypatch.setattr(provenance, "REPO", Path(__file__).resolve().parents[1])  # a checkout: git answers
+    assert provenance.commit() != "abc1234 (copy)" and provenance.commit() != "unknown"

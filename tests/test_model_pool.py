@@ -326,6 +326,7 @@ def test_parked_pool_stores_on_the_park_device_and_matches_unparked():
             assert all(v.device == parked.park_device for v in s.values())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_parked_on_cpu_computes_on_cuda_like_an_unparked_cuda_pool():
     kw = {"size": 3, "max_online_steps": 4, "steps_per_visit": (1, 3), "device": "cuda"}

@@ -181,13 +181,15 @@ def test_auto_on_this_machine_resolves_bf16():
 
 
 # ------------------------------------------------------------------------------------------------- FRePo
-def _frepo(mode: str, ipc: int = 1, batch: int = 64) -> tuple[FRePo, torch.Tensor, torch.Tensor]:
+def _frepo(mode: str, ipc: int = 1, batch: int = 64, device: str = "cpu") -> tuple[FRePo, torch.Tensor, torch.Tensor]:
     shape = (1, 28, 28)
     m = FRePo(synthetic=PixelSet(ipc=ipc, labels="learned"), arch_kwargs={"width": 8}, pool_size=2, precision=mode)
+    m.to(device)  # before set-up: the policy binds to, and the pool is built on, the method's device
     gen = torch.Generator().manual_seed(0)
-    x_real = torch.randn(batch, *shape, generator=gen)
-    y_real = torch.arange(batch) % 10
+    x_real = torch.randn(batch, *shape, generator=gen).to(device)
+    y_real = (torch.arange(batch) % 10).to(device)
     m.synthetic.build(10, shape)
+    m.synthetic.to(device)
     m.synthetic.initialise(x_real, y_real, torch.Generator().manual_seed(1))
     m.setup_method(SimpleNamespace(num_classes=10, image_shape=shape, x_train=x_real, y_train=y_real))
     return m, x_real, y_real

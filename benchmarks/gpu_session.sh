@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks of one lent device session (issue 14), run from the repository root on the GPU machine:
+#   bash benchmarks/gpu_session.sh checks   # the CUDA tests (pytest -m gpu) and speed.py fp32 vs the policy
+#   bash benchmarks/gpu_session.sh sweep    # FRePo MNIST IPC 10 at the paper's size: bf16 vs fp32, equal minutes
+# It expects what the device tool carries: wheels of the packages the GPU image lacks in .whl/, MNIST's raw idx files
+# gzipped in .gpudata/MNIST/raw/, and $OUT (a folder whose files come back). LIGHTNING_DISTILL_COMMIT names the
+# commit the tree is a copy of (the copy has no .git), for the result stamps.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch; print(torch.__version__)"; } \
+  >"$OUT/gpu.txt" 2>&1
+
+case "${1:-checks}" in
+checks)
+  timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$OUT/pytest_gpu.log"
+  # The issue's benchmark: FRePo at the official configuration, 28 px, IPC 1/10/50, fp32 and the policy interleaved.
+  timeout 150 python3 benchmarks/speed.py --device cuda --precision fp32,policy --methods FRePo --ipcs 1 10 50 \
+    --inputs "28px grey" --profile official --steps 10 --out "$OUT" --name speed_precision_h100 2>&1 | tail -40
+  # Every method's row under both precisions, both input shapes.
+  timeout 240 python3 benchmarks/speed.py --device cuda --precision fp32,policy --ipcs 1 10 50 \
+    --inputs "28px grey" "32px RGB" --profile official --steps 5 --out "$OUT" --name speed_methods_precision_h100 \
+    2>&1 | tail -60
+  ;;
+sweep)
+  mkdir -p /tmp/data/MNIST/raw
+  for f in .gpudata/MNIST/raw/*.gz; do gunzip -c "$f" >"/tmp/data/MNIST/raw/$(basename "$f" .gz)"; done
+  export LIGHTNING_DISTILL_DATA=/tmp/data
+  timeout 420 python3 benchmarks/sweep.py recipes/frepo/mnist_ipc10_cpu_bf16.yaml --minutes "${MINUTES:-1.25}" \
+    --repeats 2 --option 'bf16 --model.init_args.compile_features=false' \
+    --option 'fp32 --model.init_args.compile_features=false --model.init_args.precision=fp32' --only bf16 fp32 \
+    --out "$OUT" --name sweep_frepo_mnist_ipc10_h100_bf16_vs_fp32 2>&1 | tail -60
+  ;;
+*) echo "usage: $0 checks|sweep" >&2; exit 2 ;;
+esac
