@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent device session (issue 14), run from the repository root on the GPU machine:
-#   bash benchmarks/gpu_session.sh checks   # the CUDA tests (pytest -m gpu) and speed.py fp32 vs the policy
-#   bash benchmarks/gpu_session.sh sweep    # FRePo MNIST IPC 10 at the paper's size: bf16 vs fp32, equal minutes
+#   bash benchmarks/gpu_session.sh tests speed methods profile sweep   # any of the stages below, in order
 # It expects what the device tool carries: wheels of the packages the GPU image lacks in .whl/, MNIST's raw idx files
 # gzipped in .gpudata/MNIST/raw/, and $OUT (a folder whose files come back). LIGHTNING_DISTILL_COMMIT names the
 # commit the tree is a copy of (the copy has no .git), for the result stamps.
@@ -16,18 +15,26 @@ fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch; print(torch.__version__)"; } \
   >"$OUT/gpu.txt" 2>&1
 
-case "${1:-checks}" in
-checks)
-  timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$OUT/pytest_gpu.log"
-  # The issue's benchmark: FRePo at the official configuration, 28 px, IPC 1/10/50, fp32 and the policy interleaved.
+for stage in "${@:-tests}"; do
+case "$stage" in
+tests)  # the CUDA tests: the policy, every method's fit and export, evaluation on the GPU
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+  ;;
+speed)  # the issue's benchmark: FRePo, official configuration, 28 px, IPC 1/10/50, fp32 and the policy interleaved
   timeout 150 python3 benchmarks/speed.py --device cuda --precision fp32,policy --methods FRePo --ipcs 1 10 50 \
-    --inputs "28px grey" --profile official --steps 10 --out "$OUT" --name speed_precision_h100 2>&1 | tail -40
-  # Every method's row under both precisions, both input shapes.
-  timeout 240 python3 benchmarks/speed.py --device cuda --precision fp32,policy --ipcs 1 10 50 \
-    --inputs "28px grey" "32px RGB" --profile official --steps 5 --out "$OUT" --name speed_methods_precision_h100 \
+    --inputs "28px grey" --profile official --steps 10 --out "$OUT" --name speed_precision_h100 2>&1 | tail -30
+  ;;
+methods)  # the other methods' rows (MemoriesBPTT's official step takes seconds: IPC 1 and 10 only)
+  timeout 150 python3 benchmarks/speed.py --device cuda --precision fp32,policy --ipcs 1 10 --inputs "28px grey" \
+    --methods APM RCIG MemoriesBPTT RandomSubset --profile official --steps 3 --out "$OUT" \
+    --name speed_methods_precision_h100 2>&1 | tail -30
+  ;;
+profile)  # where FRePo's GPU step goes, under each precision
+  timeout 90 python3 benchmarks/speed.py --device cuda --precision fp32,policy --methods FRePo --ipcs 10 \
+    --inputs "28px grey" --profile official --steps 5 --profile-top 15 --out "$OUT" --name speed_profile_h100 \
     2>&1 | tail -60
   ;;
-sweep)
+sweep)  # FRePo MNIST IPC 10 at the paper's size: bf16 against fp32 at equal minutes, scored on validation
   mkdir -p /tmp/data/MNIST/raw
   for f in .gpudata/MNIST/raw/*.gz; do gunzip -c "$f" >"/tmp/data/MNIST/raw/$(basename "$f" .gz)"; done
   export LIGHTNING_DISTILL_DATA=/tmp/data
@@ -36,5 +43,6 @@ sweep)
     --option 'fp32 --model.init_args.compile_features=false --model.init_args.precision=fp32' --only bf16 fp32 \
     --out "$OUT" --name sweep_frepo_mnist_ipc10_h100_bf16_vs_fp32 2>&1 | tail -60
   ;;
-*) echo "usage: $0 checks|sweep" >&2; exit 2 ;;
+*) echo "usage: $0 [tests] [speed] [methods] [profile] [sweep]" >&2; exit 2 ;;
 esac
+done

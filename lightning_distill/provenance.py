@@ -34,10 +34,10 @@ COMMIT_ENV = "LIGHTNING_DISTILL_COMMIT"
 
 
 def commit() -> str:
-    """The checked-out commit, with ``-dirty`` when the tree has uncommitted changes; where the tree is no git
-    checkout, ``$LIGHTNING_DISTILL_COMMIT`` (set by whoever copied it) with ``(copy)``, else ``unknown``."""
+    """The checked-out commit, with ``-dirty`` when the tree has uncommitted changes (``unknown`` outside a git
+    checkout); ``$LIGHTNING_DISTILL_COMMIT`` with ``(copy)`` where whoever copied the tree elsewhere named it."""
     named = os.environ.get(COMMIT_ENV, "").strip()
-    if named and not (REPO / ".git").exists():
+    if named:  # the copy may carry a stale .git of its own: the name given wins
         return f"{named} (copy)"
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from lightning_distill.data import ArrayDataModule, MNISTDataModule
@@ -62,3 +63,19 @@ def quiet_trainer(tmp_path: Path, steps: int, callbacks: list | None = None, log
         callbacks=callbacks or [],
         **kwargs,
     )
+
+
+class DevicesSeen(L.Callback):
+    """Where the method ran at each step, and where its set's images lived: ``devices``, ``set_devices``.
+
+    Read during the steps because ``fit``'s teardown moves the whole module back to the CPU.
+    """
+
+    def __init__(self) -> None:
+        self.devices: list[str] = []
+        self.set_devices: list[str] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.devices.append(pl_module.device.type)
+        images = getattr(pl_module.synthetic, "images", None)
+        self.set_devices.append(images.device.type if images is not None else "-")

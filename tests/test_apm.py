@@ -20,7 +20,7 @@ from lightning_distill.functional.apm import (
 from lightning_distill.methods import APM
 from lightning_distill.nets import get_net, seeded_net
 from lightning_distill.synthetic import PixelSet
-from tests.helpers import quiet_trainer, tiny_mnist_dm
+from tests.helpers import DevicesSeen, quiet_trainer, tiny_mnist_dm
 
 # A tiny but complete APM: 2 teachers trained 2 epochs, width-8 networks, K=2 checkpoints of 4-epoch students.
 TINY_TEACHERS = {"arch_kwargs": {"width": 8}, "num_teachers": 2, "epochs": 2}
@@ -299,8 +299,10 @@ def test_bad_arguments_are_refused_with_the_fix(data_root, tmp_path):
 def test_set_on_cpu_while_networks_run_on_the_accelerator(data_root, tmp_path):
     L.seed_everything(0, verbose=False)
     method = tiny_apm(set_on_cpu=True, update_syn=4)
+    seen = DevicesSeen()
     trainer = L.Trainer(
         max_steps=2,
+        callbacks=[seen],
         accelerator="cuda",
         devices=1,
         logger=False,
@@ -309,5 +311,5 @@ def test_set_on_cpu_while_networks_run_on_the_accelerator(data_root, tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(method, datamodule=tiny_mnist_dm(data_root, batch_size=32))
-    assert method.synthetic.images.device.type == "cpu" and method.device.type == "cuda"
+    assert seen.devices == ["cuda", "cuda"] and seen.set_devices == ["cpu", "cpu"]
     assert method.skipped_steps == 0

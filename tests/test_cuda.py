@@ -17,7 +17,7 @@ from lightning_distill.callbacks import ExportDistilled
 from lightning_distill.export import load_distilled
 from lightning_distill.functional import krr_predict
 from lightning_distill.precision import PrecisionPolicy
-from tests.helpers import quiet_trainer, tiny_mnist_dm
+from tests.helpers import DevicesSeen, quiet_trainer, tiny_mnist_dm
 from tests.test_method_contract import METHODS, SETS
 from tests.test_precision import MIN_COSINE, _features, _frepo, _meta_grads
 
@@ -89,9 +89,10 @@ def test_every_method_fits_exports_and_records_its_precision_on_the_gpu(combo, d
     name, set_name = combo
     L.seed_everything(0, verbose=False)
     method = METHODS[name](SETS[set_name](), 0)
-    trainer = quiet_trainer(tmp_path, 2, [ExportDistilled()], accelerator="cuda")
+    seen = DevicesSeen()
+    trainer = quiet_trainer(tmp_path, 2, [ExportDistilled(), seen], accelerator="cuda")
     trainer.fit(method, datamodule=tiny_mnist_dm(data_root, batch_size=64))
-    assert method.device.type == "cuda" and trainer.global_step == 2
+    assert seen.devices == ["cuda", "cuda"] and trainer.global_step == 2
     expected = "bf16" if method.precision_policy.mode == "auto" and _native_bf16() else "fp32"
     assert method.network_precision.dtype == expected
     payload = load_distilled(tmp_path / "distilled.pt")
