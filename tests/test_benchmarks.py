@@ -598,3 +598,45 @@ def test_commit_stamp_of_a_copied_tree_names_the_commit_it_was_given(tmp_path, m
     assert provenance.commit() == "abc1234 (copy)"  # a copy may hold a stale .git: the name given wins
     monkeypatch.delenv(provenance.COMMIT_ENV)
     assert provenance.commit() not in ("abc1234 (copy)", "unknown")  # a checkout: git answers
+
+
+def test_speed_keeps_finished_rows_when_stopped_part_way(tmp_path: Path, monkeypatch) -> None:
+    """A run cut off (a GPU lease's time limit) leaves every finished configuration in NAME.partial.json."""
+    import speed
+
+    real, calls = speed.measure_variants, []
+
+    def stop_at_the_second(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a timeout's signal does mid-run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "measure_variants", stop_at_the_second)
+    argv = ["--steps", "1", "--ipcs", "1", "2", "--device", "cpu", "--profile", "smoke", "--matmul-size", "64"]
+    argv += ["--threads", THREADS, "--out", str(tmp_path), "--name", "cut", "--methods", "RandomSubset"]
+    argv += ["--inputs", "28px grey"]
+    with pytest.raises(KeyboardInterrupt):
+        speed.main(argv)
+    kept = json.loads((tmp_path / "cut.partial.json").read_text())
+    assert [(r["method"], r["ipc"]) for r in kept["rows"]] == [("RandomSubset", 1)] and "stamp" in kept
+    assert not (tmp_path / "cut.json").exists()
+    monkeypatch.setattr(speed, "measure_variants", real)
+    speed.main(argv)
+    assert (tmp_path / "cut.json").exists() and not (tmp_path / "cut.partial.json").exists()
+
+
+def test_speed_counts_flops_on_an_apm_image_update_not_a_retrain() -> None:
+    """The FLOP-counted step is the kind the median is: an image update, never a student retrain."""
+    import speed
+
+    cfg = speed.Configuration("APM", (1, 28, 28), 1, "cpu", "smoke", "fp32")
+    for _ in range(3):  # calls 0 (a retrain), 1, 2: the next call, 3, would retrain
+        cfg.step()
+    students = cfg.method.students
+    speed.BEFORE_FLOP_STEP["APM"](cfg.method)
+    assert cfg.flops() > 0 and cfg.method.students is students  # no new student was trained
+    cfg.step()  # call 5: an image update
+    assert cfg.method.students is students
+    cfg.step()  # call 6: the cadence goes on
+    assert cfg.method.students is not students
