@@ -68,6 +68,7 @@ def _suite(tmp: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPr
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # 63 s on 2 AMD EPYC cores: the default suite stays under its 10 minutes
 def test_smoke_matrix_end_to_end(data_root: Path, tmp_path: Path) -> None:
     env = _env(mnist_root(data_root, tmp_path / "data"), tmp_path / "cache")
     p = _suite(tmp_path, env, "--matrix", "smoke", "--threads", THREADS)
@@ -423,6 +424,7 @@ def test_cell_without_random_real(tmp_path: Path) -> None:
     assert not any("random-real networks" in p for p in suite._inconsistencies(res, cell0))
 
 
+@pytest.mark.slow  # 32 s on 2 AMD EPYC cores: the default suite stays under its 10 minutes
 def test_apm_cell_end_to_end(data_root: Path, tmp_path: Path) -> None:
     """apm_cell.py on the first 600 MNIST images: a one-teacher pool built on first use (then found in the cache),
     two outer steps, every protocol scored, the full-data reference row, the result and its table written."""
@@ -511,6 +513,7 @@ def test_sweep_merges_the_runs_of_another_process(tmp_path: Path) -> None:
     assert p.returncode != 0 and "--only b: no such run; the runs are base, a" in p.stderr
 
 
+@pytest.mark.slow  # 49 s on 2 AMD EPYC cores: the default suite stays under its 10 minutes
 def test_sweep_end_to_end_scores_on_validation_and_resumes(data_root: Path, tmp_path: Path) -> None:
     """sweep.py on the first 600 MNIST images: the recipe and one variant, two steps each, scored on the held-out
     validation split; a sweep that died after its first run picks up at the second."""

@@ -19,7 +19,7 @@ from lightning_distill.functional import krr_predict
 from lightning_distill.precision import PrecisionPolicy
 from tests.helpers import DevicesSeen, quiet_trainer, tiny_mnist_dm
 from tests.test_method_contract import METHODS, SETS
-from tests.test_precision import MIN_COSINE, _features, _frepo, _meta_grads
+from tests.test_precision import MIN_COSINE, _features, _frepo, _meta_grads, tiny_evaluation
 
 pytestmark = [
     pytest.mark.gpu,
@@ -103,11 +103,7 @@ def test_every_method_fits_exports_and_records_its_precision_on_the_gpu(combo, d
 def test_evaluation_on_the_gpu_under_the_policy():
     from lightning_distill.eval import train_on_distilled
 
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(20, 1, 28, 28, generator=gen), torch.arange(20) % 10
-    xt, yt = torch.randn(50, 1, 28, 28, generator=gen), torch.arange(50) % 10
-    kw = {"protocol": "krr", "repeats": 1, "steps": 3, "flip": False, "device": "cuda", "progress": False}
-    kw["arch_kwargs"] = {"width": 8}
+    (x, y, xt, yt), kw = tiny_evaluation("cuda")
     r = train_on_distilled(x, y, xt, yt, precision="auto", **kw)
     assert r.extra["precision"]["resolved"] == ("bf16" if _native_bf16() else "fp32")
     assert 0.0 <= r.accuracies[0] <= 100.0

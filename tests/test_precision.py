@@ -295,14 +295,19 @@ def test_fit_logs_and_exports_the_resolved_precision(data_root, tmp_path, caplog
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def test_evaluation_under_bf16_runs_and_is_recorded():
-    from lightning_distill.eval import train_on_distilled
-
+def tiny_evaluation(device: str) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """A 20-image set, 50 test images and the options of a 3-step krr evaluation of it on ``device``."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(20, 1, 28, 28, generator=gen), torch.arange(20) % 10
     xt, yt = torch.randn(50, 1, 28, 28, generator=gen), torch.arange(50) % 10
-    kw = {"protocol": "krr", "repeats": 1, "steps": 3, "flip": False, "device": "cpu", "progress": False}
-    kw["arch_kwargs"] = {"width": 8}
+    kw = {"protocol": "krr", "repeats": 1, "steps": 3, "flip": False, "device": device, "progress": False}
+    return (x, y, xt, yt), {**kw, "arch_kwargs": {"width": 8}}
+
+
+def test_evaluation_under_bf16_runs_and_is_recorded():
+    from lightning_distill.eval import train_on_distilled
+
+    (x, y, xt, yt), kw = tiny_evaluation("cpu")
     r32 = train_on_distilled(x, y, xt, yt, **kw)
     r16 = train_on_distilled(x, y, xt, yt, precision="bf16", **kw)
     assert r32.extra["precision"]["resolved"] == "fp32" and r16.extra["precision"]["resolved"] == "bf16"
