@@ -2,8 +2,18 @@
 # The GPU checks of one lent device session (issue 14), run from the repository root on the GPU machine:
 #   bash benchmarks/gpu_session.sh tests speed methods profile sweep   # any of the stages below, in order
 # It expects what the device tool carries: wheels of the packages the GPU image lacks in .whl/, MNIST's raw idx files
-# gzipped in .gpudata/MNIST/raw/, and $OUT (a folder whose files come back). LIGHTNING_DISTILL_COMMIT names the
-# commit the tree is a copy of (the copy has no .git), for the result stamps.
+# gzipped in .gpudata/MNIST/raw/ (sweep only), and $OUT (a folder whose files come back). LIGHTNING_DISTILL_COMMIT
+# names the commit the tree is a copy of (a copy's own .git, if any, may be stale), for the result stamps.
+# The image (torch 2.11, lightning 2.6.6, torchmetrics, matplotlib, scipy) lacked, on 2026-12-06: kornia, kornia_rs,
+# jsonargparse, docstring_parser, typeshed_client and pytorch_optimizer. Fetch them here (Python 3.12, manylinux):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     kornia==0.9.0 kornia_rs==0.2.0 jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0 \
+#     pytorch_optimizer==4.1.0
+# and gzip MNIST: mkdir -p .gpudata/MNIST/raw; for f in ../shared/datasets/MNIST/raw/*; do
+#   gzip -c "$f" >".gpudata/MNIST/raw/$(basename "$f").gz"; done     (both folders are git-ignored; carry them)
+# Measured on an H100 on 2026-12-06: tests about 35 s, speed about 60 s; methods with MemoriesBPTT's official
+# IPC 50 does not fit 240 s (3.3 s a step), hence IPC 1 and 10 there.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
 OUT=${OUT:-/tmp/gpu_out}
