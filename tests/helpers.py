@@ -66,16 +66,20 @@ def quiet_trainer(tmp_path: Path, steps: int, callbacks: list | None = None, log
 
 
 class DevicesSeen(L.Callback):
-    """Where the method ran at each step, and where its set's images lived: ``devices``, ``set_devices``.
+    """Where the method ran at each step, in what precision, and where its set's images lived: ``devices``,
+    ``precisions``, ``set_devices``.
 
-    Read during the steps because ``fit``'s teardown moves the whole module back to the CPU.
+    Read during the steps because ``fit``'s teardown moves the whole module back to the CPU (where the precision
+    policy would resolve afresh, for the CPU).
     """
 
     def __init__(self) -> None:
         self.devices: list[str] = []
+        self.precisions: list[str] = []
         self.set_devices: list[str] = []
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         self.devices.append(pl_module.device.type)
+        self.precisions.append(pl_module.network_precision.dtype)
         images = getattr(pl_module.synthetic, "images", None)
         self.set_devices.append(images.device.type if images is not None else "-")

@@ -94,7 +94,7 @@ def test_every_method_fits_exports_and_records_its_precision_on_the_gpu(combo, d
     trainer.fit(method, datamodule=tiny_mnist_dm(data_root, batch_size=64))
     assert seen.devices == ["cuda", "cuda"] and trainer.global_step == 2
     expected = "bf16" if method.precision_policy.mode == "auto" and _native_bf16() else "fp32"
-    assert method.network_precision.dtype == expected
+    assert seen.precisions == [expected, expected]
     payload = load_distilled(tmp_path / "distilled.pt")
     assert payload["config"]["precision_resolved"] == expected
     assert payload["images"].device.type == "cpu" and torch.isfinite(payload["images"]).all()
