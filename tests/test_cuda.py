@@ -18,7 +18,7 @@ from lightning_distill.export import load_distilled
 from lightning_distill.functional import krr_predict
 from lightning_distill.precision import PrecisionPolicy
 from tests.helpers import DevicesSeen, quiet_trainer, tiny_mnist_dm
-from tests.test_method_contract import METHODS, SETS
+from tests.test_method_contract import COMBOS, METHODS, SETS
 from tests.test_precision import MIN_COSINE, _features, _frepo, _meta_grads, tiny_evaluation
 
 pytestmark = [
@@ -74,17 +74,13 @@ def test_bf16_frepo_meta_gradient_agrees_with_fp32_on_the_gpu():
         assert 0.9 < b.norm() / a.norm() < 1.1
 
 
-@pytest.mark.parametrize(
-    "combo",
-    [
-        ("frepo", "pixels_learned"),
-        ("rcig", "pixels_learned"),
-        ("apm", "pixels_hard"),
-        ("memories_bptt", "memories"),
-        ("random", "pixels_hard"),
-    ],
-    ids="-".join,
-)
+#: Every method of the contract suite on one set (learned labels where it takes them), and every set under one
+#: method: a method or a set that joins ``METHODS`` or ``SETS`` is fitted on the GPU too.
+_BY_METHOD = [next((m, s) for s in ("pixels_learned", *SETS) if (m, s) in COMBOS) for m in METHODS]
+GPU_COMBOS = _BY_METHOD + [c for c in (next(c for c in COMBOS if c[1] == s) for s in SETS) if c not in _BY_METHOD]
+
+
+@pytest.mark.parametrize("combo", GPU_COMBOS, ids="-".join)
 def test_every_method_fits_exports_and_records_its_precision_on_the_gpu(combo, data_root, tmp_path):
     name, set_name = combo
     L.seed_everything(0, verbose=False)
