@@ -151,13 +151,14 @@ def distil(
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - t0
     steps = cli.trainer.global_step
+    config = cli.model.config()
     record = {
         "overrides": overrides,
         "steps": steps,
-        "horizon": cli.model.config()["horizon"],
+        "horizon": config["horizon"],
         "distill_minutes": seconds / 60,
         "ms_per_step": 1000 * seconds / max(steps, 1),
-        "precision": cli.model.config().get("precision_resolved", "fp32"),  # what the network passes ran in
+        "precision": config.get("precision_resolved", "fp32"),  # what the network passes ran in
     }
     return cli.model, cli.datamodule, record
 

@@ -49,8 +49,6 @@ def tiny_mnist_dm(root: Path, batch_size: int = 64, n_train: int = 600, seed: in
 def quiet_trainer(tmp_path: Path, steps: int, callbacks: list | None = None, logger=False, **kwargs):
     """A Trainer (CPU unless ``accelerator`` says otherwise) for ``steps`` outer steps without progress bar, summary
     or default checkpointing."""
-    import lightning as L
-
     return L.Trainer(
         max_steps=steps,
         accelerator=kwargs.pop("accelerator", "cpu"),

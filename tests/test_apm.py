@@ -300,16 +300,7 @@ def test_set_on_cpu_while_networks_run_on_the_accelerator(data_root, tmp_path):
     L.seed_everything(0, verbose=False)
     method = tiny_apm(set_on_cpu=True, update_syn=4)
     seen = DevicesSeen()
-    trainer = L.Trainer(
-        max_steps=2,
-        callbacks=[seen],
-        accelerator="cuda",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, 2, [seen], accelerator="cuda")
     trainer.fit(method, datamodule=tiny_mnist_dm(data_root, batch_size=32))
     assert seen.devices == ["cuda", "cuda"] and seen.set_devices == ["cpu", "cpu"]
     assert method.skipped_steps == 0

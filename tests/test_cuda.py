@@ -19,19 +19,19 @@ from lightning_distill.functional import krr_predict
 from lightning_distill.precision import PrecisionPolicy
 from tests.helpers import DevicesSeen, quiet_trainer, tiny_mnist_dm
 from tests.test_method_contract import COMBOS, METHODS, SETS
-from tests.test_precision import MIN_COSINE, _features, _frepo, _meta_grads, tiny_evaluation
+from tests.test_precision import (  # noqa: F401  (_fresh_probes: the autouse fixture, each test its own probes)
+    MIN_COSINE,
+    _features,
+    _frepo,
+    _fresh_probes,
+    _meta_grads,
+    tiny_evaluation,
+)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_probes():
-    prec.clear_probe_cache()
-    yield
-    prec.clear_probe_cache()
 
 
 def _native_bf16() -> bool:
