@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent device session (issue 14), run from the repository root on the GPU machine:
-#   bash benchmarks/gpu_session.sh tests speed methods profile sweep   # any of the stages below, in order
+#   bash benchmarks/gpu_session.sh tests speed methods profile pooladam sweep   # any of the stages below, in order
 # It expects what the device tool carries: wheels of the packages the GPU image lacks in .whl/, MNIST's raw idx files
 # gzipped in .gpudata/MNIST/raw/ (sweep only), and $OUT (a folder whose files come back). LIGHTNING_DISTILL_COMMIT
 # names the commit the tree is a copy of (a copy's own .git, if any, may be stale), for the result stamps.
@@ -44,6 +44,10 @@ profile)  # where FRePo's GPU step goes, under each precision
     --inputs "28px grey" --profile official --steps 5 --profile-top 15 --out "$OUT" --name speed_profile_h100 \
     2>&1 | tail -60
   ;;
+pooladam)  # the pool's online Adam: single-tensor against fused (the default on CUDA since it landed), whole steps
+  timeout 150 python3 benchmarks/pool_adam.py --device cuda --ipcs 1 10 50 --profile official --steps 20 \
+    --out "$OUT/pool_adam_h100" 2>&1 | tail -10
+  ;;
 sweep)  # FRePo MNIST IPC 10 at the paper's size: bf16 against fp32 at equal minutes, scored on validation
   mkdir -p /tmp/data/MNIST/raw
   for f in .gpudata/MNIST/raw/*.gz; do gunzip -c "$f" >"/tmp/data/MNIST/raw/$(basename "$f" .gz)"; done
@@ -53,6 +57,6 @@ sweep)  # FRePo MNIST IPC 10 at the paper's size: bf16 against fp32 at equal min
     --option 'fp32 --model.init_args.compile_features=false --model.init_args.precision=fp32' --only bf16 fp32 \
     --out "$OUT" --name sweep_frepo_mnist_ipc10_h100_bf16_vs_fp32 2>&1 | tail -60
   ;;
-*) echo "usage: $0 [tests] [speed] [methods] [profile] [sweep]" >&2; exit 2 ;;
+*) echo "usage: $0 [tests] [speed] [methods] [profile] [pooladam] [sweep]" >&2; exit 2 ;;
 esac
 done

@@ -403,6 +403,25 @@ def test_compile_trial_table_agreement_and_no_overwrite(tmp_path: Path) -> None:
     assert [p.suffix for p in kept] == [".json", ".md"] and kept[0].read_text() == first
 
 
+def test_pool_adam_compares_the_two_kernels_and_keeps_the_first_result(tmp_path: Path) -> None:
+    """pool_adam.py builds each pooled method twice, on the single-tensor and the fused Adam, and times them
+    interleaved; the fused copy really runs the fused kernel (fewer operator calls); a second run keeps the first."""
+    import pool_adam
+
+    out = tmp_path / "pool_adam"
+    argv = ["--profile", "smoke", "--ipcs", "1", "--steps", "1", "--threads", "1", "--device", "cpu", "--out", str(out)]
+    res = pool_adam.main(argv)
+    assert [r["method"] for r in res["rows"]] == ["FRePo", "RCIG"]
+    for r in res["rows"]:
+        assert r["single_ms"] > 0 and r["fused_ms"] > 0 and r["speedup"] > 0
+        assert r["fused_calls"] < r["single_calls"]
+    assert "| FRePo | 1 | smoke | auto → fp32 | 64 |" in out.with_suffix(".md").read_text()
+    first = out.with_suffix(".json").read_text()
+    pool_adam.main(argv[:3] + ["1", "--steps", "1", "--methods", "FRePo", "--device", "cpu", "--out", str(out)])
+    kept = sorted((tmp_path / "replaced").iterdir())
+    assert [p.suffix for p in kept] == [".json", ".md"] and kept[0].read_text() == first
+
+
 def test_cell_without_random_real(tmp_path: Path) -> None:
     """--random-repeats 0 (random real scored by another cell at the same budget): the cell's page, picture and
     report row stand without it, and the suite counts it as done for a budget of 0 random networks only."""

@@ -116,6 +116,60 @@ def test_train_step_matches_torch_adam_on_a_module():
     torch.testing.assert_close(pool.forward(0, x), net(x))
 
 
+def _signal(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k != "fc.bias"}
+
+
+def test_fused_adam_follows_the_compute_device_and_agrees_with_the_single_tensor_path():
+    # On the CPU the default stays the single-tensor path (the test above pins it bit for bit); fused=True runs
+    # Adam's fused kernel (CUDA's default), which must make the same updates up to float32 rounding. TinyNet's
+    # fc.bias feeds a BatchNorm, so its true gradient is zero and what autograd returns is rounding noise (1e-9),
+    # which Adam scales to full-size steps of either sign: it is left out of the comparisons.
+    x, y = _batch()
+    single, fused = _pool(size=1, lr=1e-2), _pool(size=1, lr=1e-2, fused=True)
+    assert not single.uses_fused_adam and not single.optimizer(0).defaults["fused"]
+    assert fused.uses_fused_adam and fused.optimizer(0).defaults["fused"]
+    for _ in range(5):
+        single.train_step(0, x, y)
+        fused.train_step(0, x, y)
+    for k, v in _signal(single.params(0)).items():
+        torch.testing.assert_close(fused.params(0)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # Switching the kernel (as to("cuda") does for the default) rebuilds the optimisers with their state: the
+    # moments and step count carry over, so the next updates continue the same trajectory.
+    single.fused = True
+    assert single.optimizer(0).defaults["fused"]
+    assert all(s["step"].item() == 5 for s in single.optimizer(0).state.values())
+    for _ in range(3):
+        single.train_step(0, x, y)
+        fused.train_step(0, x, y)
+    for k, v in _signal(single.params(0)).items():
+        torch.testing.assert_close(fused.params(0)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # A custom factory is never rebuilt: its optimiser is the user's.
+    custom = _pool(size=1, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    opt = custom.optimizer(0)
+    custom.fused = True
+    assert custom.optimizer(0) is opt
+
+
+def test_fused_adam_state_round_trips_with_the_single_tensor_path():
+    # A checkpoint written on one kernel (a GPU run) resumes on the other (the CPU) and the other way round.
+    x, y = _batch()
+    fused = _pool(size=2, fused=True)
+    for _ in range(3):
+        fused.train_step(0, x, y)
+    single = _pool(size=2)
+    single.load_state_dict(fused.state_dict())
+    assert not single.optimizer(0).defaults["fused"]
+    back = _pool(size=2, fused=True)
+    back.load_state_dict(single.state_dict())
+    fused.train_step(0, x, y)
+    single.train_step(0, x, y)
+    back.train_step(0, x, y)
+    for k, v in _signal(fused.params(0)).items():
+        torch.testing.assert_close(single.params(0)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(back.params(0)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_train_step_under_no_grad_and_detaches_inputs():
     pool = _pool(size=1)
     x, y = _batch()
@@ -348,6 +402,29 @@ def test_parked_on_cpu_computes_on_cuda_like_an_unparked_cuda_pool():
             assert all(v.device.type == "cpu" for v in s.values())
     # to() changes the compute device only; the members stay parked.
     assert parked.to("cuda").device.type == "cuda" and parked.params(0)["fc.weight"].device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_adam_turns_fused_on_cuda_and_back():
+    # FRePo builds its pool on the CPU and moves it: the default Adam must follow to the fused kernel, state kept.
+    x, y = _batch()
+    pool, twin = _pool(size=1, lr=1e-2), _pool(size=1, lr=1e-2)
+    for _ in range(3):
+        pool.train_step(0, x, y)
+        twin.train_step(0, x, y)
+    pool.to("cuda")
+    assert pool.uses_fused_adam and pool.optimizer(0).defaults["fused"]
+    assert all(s["step"].item() == 3 for s in pool.optimizer(0).state.values())
+    for _ in range(3):
+        pool.train_step(0, x.cuda(), y.cuda())
+        twin.train_step(0, x, y)
+    pool.to("cpu")
+    assert not pool.optimizer(0).defaults["fused"]
+    pool.train_step(0, x, y)
+    twin.train_step(0, x, y)
+    for k, v in _signal(twin.params(0)).items():
+        torch.testing.assert_close(pool.params(0)[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_state_round_trip_continues_identically_with_ranges_and_parking(tmp_path):

@@ -141,8 +141,8 @@ class ModelPool:
         eps: Adam epsilon of the default optimiser (optax/torch default 1e-8).
         device: Compute device (and, unless parked, the device the members are stored on).
         optimizer_factory: Builds one member's optimiser from its parameter list; ``None`` gives
-            ``torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=False)``. It is called again for
-            every re-initialised member, so hyper-parameters are the factory's, not saved state's.
+            ``torch.optim.Adam(params, lr=lr, betas=betas, eps=eps)`` on the path ``fused`` chooses. It is called
+            again for every re-initialised member, so hyper-parameters are the factory's, not saved state's.
         loss_fn: Online training loss ``loss_fn(logits, target) -> scalar`` (default ½-MSE). Floating targets
             are cast to the logits' dtype first.
         steps_per_visit: Optimiser steps per training visit: an int, or an inclusive ``(low, high)`` range
@@ -158,6 +158,13 @@ class ModelPool:
             the compute device): under bf16 :meth:`forward`, :meth:`features` and :meth:`train_step` run in bf16
             autocast on channels-last inputs, while parameters, gradients, optimiser state and the online loss stay
             float32 and outputs are returned in float32. ``None`` is float32 (the passes as without a policy).
+        fused: The default Adam's kernel. ``True``: the fused kernel, which updates all of a member's tensors in
+            one or two operator calls instead of about ten per tensor (the single-tensor path); a GPU step is
+            bound by operator dispatch (``benchmarks/results/speed_methods_precision_h100.partial.md``), so it
+            pays there. ``False``: the single-tensor path, the update of earlier versions' hand-written Adam bit
+            for bit. ``None`` (default): fused where the pool computes on CUDA, single-tensor elsewhere; the
+            choice follows :meth:`to`. Unused with an ``optimizer_factory``. Measured by
+            ``benchmarks/pool_adam.py``.
     """
 
     def __init__(
@@ -177,6 +184,7 @@ class ModelPool:
         park_device: torch.device | str | None = None,
         precision: NetworkPrecision | None = None,
         compile_features: bool = False,
+        fused: bool | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
@@ -190,6 +198,8 @@ class ModelPool:
         self.seed = seed
         self.betas = (float(betas[0]), float(betas[1]))  # torch.optim.Adam refuses int betas
         self.eps = eps
+        self._fused = fused
+        self._default_factory = optimizer_factory is None
         self.optimizer_factory: OptimizerFactory = optimizer_factory or self._default_optimizer
         self.loss_fn = loss_fn
         self.steps_per_visit = _steps_range(steps_per_visit)
@@ -208,9 +218,28 @@ class ModelPool:
     # ------------------------------------------------------------------ construction helpers
 
     def _default_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
-        # foreach=False: the single-tensor path on every device, the update the hand-written Adam of earlier
-        # versions computed bit for bit (torch would pick the foreach path on CUDA).
+        # Never torch's own choice (foreach on CUDA): the single-tensor path is the update the hand-written Adam
+        # of earlier versions computed bit for bit, and where that does not matter (CUDA) fused is fewer calls.
+        if self.uses_fused_adam:
+            return torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, fused=True)
         return torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, foreach=False)
+
+    @property
+    def fused(self) -> bool | None:
+        """The ``fused`` choice; setting it rebuilds the default optimisers on the kernel it names, state kept."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool | None) -> None:
+        before = self.uses_fused_adam
+        self._fused = value
+        if self.uses_fused_adam != before:
+            self._rebuild_default_optimizers()
+
+    @property
+    def uses_fused_adam(self) -> bool:
+        """Whether the default optimiser runs Adam's fused kernel (``fused``, or by default: computing on CUDA)."""
+        return self._fused if self._fused is not None else self._device.type == "cuda"
 
     def _initial_step(self, idx: int) -> int:
         return (self.max_online_steps * idx) // self.size
@@ -545,7 +574,19 @@ class ModelPool:
         Returns:
             The pool itself.
         """
+        fused_before = self.uses_fused_adam
         self._device = _canonical_device(device)
         for m in self._members:
             m.to(self._store_device)
+        if self.uses_fused_adam != fused_before:
+            self._rebuild_default_optimizers()
         return self
+
+    def _rebuild_default_optimizers(self) -> None:
+        """Rebuild the default Adam of every member on the kernel :attr:`uses_fused_adam` now names, state kept."""
+        if not self._default_factory:
+            return
+        for i, m in enumerate(self._members):
+            saved = {"optimizer": m.optimizer.state_dict()}
+            m.optimizer = self.optimizer_factory(list(m.params.values()))
+            self._load_optimizer_state(i, m, saved)
