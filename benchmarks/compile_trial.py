@@ -18,7 +18,6 @@ relative difference). ``--steps N`` also times FRePo's whole outer step both way
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp, write_result  # noqa: E402
+from stamp import finish, stamp  # noqa: E402
 
 from lightning_distill.nets import get_net  # noqa: E402
 from lightning_distill.precision import PrecisionPolicy, bf16_probe  # noqa: E402
@@ -119,11 +118,8 @@ def whole_steps(ipc: int, dtype: str, steps: int, profile: str, profile_top: int
         cfg = speed.Configuration("FRePo", speed.SHAPES["28px grey"], ipc, "cpu", profile, dtype)
         cfg.method.pool.compile_features = compiled
         configs[compiled] = (cfg, cfg.timed_step())
-    for _ in range(steps):
-        for cfg, _first in configs.values():
-            cfg.times.append(cfg.timed_step())
+    speed.alternate([cfg for cfg, _first in configs.values()], steps)
     (eager, first_eager), (comp, first_comp) = configs[False], configs[True]
-    ratios = [a / b for a, b in zip(eager.times, comp.times, strict=True)]
     row = {
         "ipc": ipc,
         "precision": dtype,
@@ -131,7 +127,7 @@ def whole_steps(ipc: int, dtype: str, steps: int, profile: str, profile_top: int
         "real_batch": eager.batch,
         "eager_ms": round(statistics.median(eager.times), 1),
         "compiled_ms": round(statistics.median(comp.times), 1),
-        "speedup": round(statistics.median(ratios), 3),
+        "speedup": round(speed.paired_speedup(eager, comp), 3),
         "first_step_s": {"eager": round(first_eager / 1e3, 1), "compiled": round(first_comp / 1e3, 1)},
     }
     if profile_top:  # where one more step of each goes (speed.py's torch.profiler summary)
@@ -259,9 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_result(args.out.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
-        write_result(args.out.with_suffix(".md"), markdown(res))
-        print(f"wrote {args.out.with_suffix('.md')}")
+        finish(args.out.parent, args.out.name, res, markdown)
     return res
 
 

@@ -20,7 +20,6 @@ False`` and one with ``True``; after a warm-up step each, their whole outer step
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
-from stamp import stamp, write_result  # noqa: E402
+from stamp import finish, stamp  # noqa: E402
 
 METHODS = ("FRePo", "RCIG")  # the methods with a model pool
 
@@ -53,11 +52,8 @@ def compare(name: str, ipc: int, steps: int, device: str, profile: str, precisio
         cfg.method.pool.fused = fused
         cfg.timed_step()  # warm-up
         configs[fused] = cfg
-    for _ in range(steps):
-        for cfg in configs.values():
-            cfg.times.append(cfg.timed_step())
+    speed.alternate(list(configs.values()), steps)
     single, fused = configs[False], configs[True]
-    ratios = [a / b for a, b in zip(single.times, fused.times, strict=True)]
     row = {
         "method": name,
         "ipc": ipc,
@@ -67,7 +63,7 @@ def compare(name: str, ipc: int, steps: int, device: str, profile: str, precisio
         "real_batch": single.batch,
         "single_ms": round(statistics.median(single.times), 2),
         "fused_ms": round(statistics.median(fused.times), 2),
-        "speedup": round(statistics.median(ratios), 3),
+        "speedup": round(speed.paired_speedup(single, fused), 3),
         "single_calls": operator_calls(single),
         "fused_calls": operator_calls(fused),
     }
@@ -140,9 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_result(args.out.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
-        write_result(args.out.with_suffix(".md"), markdown(res))
-        print(f"wrote {args.out.with_suffix('.md')}")
+        finish(args.out.parent, args.out.name, res, markdown)
     return res
 
 

@@ -442,6 +442,18 @@ class Configuration:
         ]
 
 
+def alternate(configs: list[Configuration], steps: int) -> None:
+    """Time ``steps`` steps of each configuration, interleaved (A, B, A, B, ...): a noisy neighbour slows all alike."""
+    for _ in range(steps):
+        for cfg in configs:
+            cfg.times.append(cfg.timed_step())
+
+
+def paired_speedup(base: Configuration, other: Configuration) -> float:
+    """Median of ``base``'s step time over ``other``'s, pair by pair (steadier than the ratio of two medians)."""
+    return statistics.median(a / b for a, b in zip(base.times, other.times, strict=True))
+
+
 def measure_variants(
     name: str,
     shape: tuple[int, int, int],
@@ -468,9 +480,7 @@ def measure_variants(
         if len(precisions) > 1:
             cfg.row["peak_mb"] = memory.peak_mb()
         configs.append(cfg)
-    for _ in range(steps):
-        for cfg in configs:
-            cfg.times.append(cfg.timed_step())
+    alternate(configs, steps)
     if len(precisions) == 1:  # alone, the peak covers the timed steps as well
         configs[0].row["peak_mb"] = memory.peak_mb()
     rows = []
@@ -488,9 +498,7 @@ def measure_variants(
         rows.append(row)
     base = rows[0]
     for row, cfg in zip(rows[1:], configs[1:], strict=True):
-        # The ratio of paired steps (each pair ran back to back) is steadier than the ratio of two medians.
-        ratios = [a / b for a, b in zip(configs[0].times, cfg.times, strict=True)]
-        row["speedup_vs_first"] = statistics.median(ratios)
+        row["speedup_vs_first"] = paired_speedup(configs[0], cfg)
         row["compared_with"] = base["precision"]
     return rows
 
