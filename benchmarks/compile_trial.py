@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import finish, stamp  # noqa: E402
+from stamp import finish_at, started  # noqa: E402
 
 from lightning_distill.nets import get_net  # noqa: E402
 from lightning_distill.precision import PrecisionPolicy, bf16_probe  # noqa: E402
@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch._dynamo.reset()
             steps.append(whole_steps(ipc, dtype, args.steps, args.step_profile, args.profile_top))
     res = {
-        "stamp": stamp(),
-        "argv": sys.argv[1:] if argv is None else argv,
+        **started(argv),
         "repeats": args.repeats,
         "backend": args.backend,
         "bf16_probe": probe.reason(),
@@ -253,9 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_repeats": args.steps,
         "note": args.note,
     }
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        finish(args.out.parent, args.out.name, res, markdown)
+    finish_at(args.out, res, markdown)
     return res
 
 

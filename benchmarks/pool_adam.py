@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
-from stamp import finish, stamp  # noqa: E402
+from stamp import finish_at, stamp_line, started  # noqa: E402
 
 METHODS = ("FRePo", "RCIG")  # the methods with a model pool
 
@@ -77,12 +77,11 @@ def compare(name: str, ipc: int, steps: int, device: str, profile: str, precisio
 
 
 def markdown(res: dict[str, Any]) -> str:
-    s = res["stamp"]
     lines = [
         "# The pool's online Adam: single-tensor path against the fused kernel",
         "",
-        f"{s['date']}, {s['hardware']}, torch {s['torch']}, commit {s['commit']}, device `{res['device']}`. "
-        f"`python benchmarks/pool_adam.py {' '.join(res['argv'])}`.",
+        f"{stamp_line(res['stamp'])}; device `{res['device']}`. `python benchmarks/pool_adam.py "
+        f"{' '.join(res['argv'])}`.",
         "",
         f"Whole outer steps (speed.py's configuration, 28 px grey), median of {res['steps']} per variant after a "
         "warm-up, the two variants alternating; *speed-up* is the median ratio of paired steps (single / fused); "
@@ -127,16 +126,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for ipc in args.ipcs
     ]
     res = {
-        "stamp": stamp(),
-        "argv": sys.argv[1:] if argv is None else argv,
+        **started(argv),
         "device": args.device,
         "steps": args.steps,
         "rows": rows,
         "note": args.note,
     }
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        finish(args.out.parent, args.out.name, res, markdown)
+    finish_at(args.out, res, markdown)
     return res
 
 

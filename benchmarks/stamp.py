@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,18 @@ def finish(
         keep_previous(out / f"{stem}.png")
         plot(res, out / f"{stem}.png")
     print(markdown(res))
+
+
+def started(argv: list[str] | None) -> dict[str, Any]:
+    """The head of a result: its stamp and the arguments it ran with (``argv``, or the command line's)."""
+    return {"stamp": stamp(), "argv": sys.argv[1:] if argv is None else argv}
+
+
+def finish_at(out: Path | None, res: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """:func:`finish` to ``OUT.json`` and ``OUT.md`` for a script's ``--out OUT`` (nothing when it is ``None``)."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        finish(out.parent, out.name, res, markdown)
 
 
 def stamp_line(s: dict[str, Any]) -> str:
