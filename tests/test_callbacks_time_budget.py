@@ -29,6 +29,20 @@ class FakeClock:
         return now
 
 
+class SlowStartClock(FakeClock):
+    """Readings advance ``slow`` seconds for the first ``n`` readings, then ``step``: a start-up timed while busy."""
+
+    def __init__(self, slow: float, n: int, step: float) -> None:
+        super().__init__(step)
+        self.slow, self.n = slow, n
+
+    def monotonic(self) -> float:
+        now = self.t
+        self.t += self.slow if self.n > 0 else self.step
+        self.n -= 1
+        return now
+
+
 def _frepo() -> FRePo:
     return FRePo(synthetic=PixelSet(ipc=1, labels="learned"), arch_kwargs={"width": 4}, pool_size=2)
 
@@ -58,6 +72,35 @@ def test_horizon_from_the_measured_step_time(data_root, tmp_path, monkeypatch):
     assert sched.get_last_lr()[0] == pytest.approx(sched.base_lrs[0] * sched.final_ratio)
     horizon = load_distilled(tmp_path / "distilled.pt")["config"]["horizon"]
     assert horizon["steps"] == 30 and horizon["source"].startswith("time budget: 0.5 min at 1 s/step")
+
+
+def test_the_horizon_is_refined_once_from_the_steps_since_the_plan(data_root, tmp_path, monkeypatch):
+    # Setup at t = 0, steps 1-4 at 2 s (a busy start), then 1 s. Plan at step 4 (t = 8): 2 s/step over steps 2-4,
+    # 52 s left of 60: horizon 30. The refinement waits a quarter of the budget at the planned rate (8 steps): at
+    # step 12 (t = 16) it measures 1 s/step over steps 5-12, 44 s left: horizon 56, the whole budget used.
+    monkeypatch.setattr(time_budget, "time", SlowStartClock(2.0, 4, 1.0))
+    L.seed_everything(0, verbose=False)
+    method = _frepo()
+    budget = TimeBudget(minutes=1, calibration_steps=3, skip_steps=1, margin=1.0, refine_after=0.25)
+    export = ExportDistilled(path=str(tmp_path / "distilled.pt"), png=False, artifact=False)
+    trainer = _fit(data_root, tmp_path, method, [budget, export])
+
+    assert trainer.global_step == 56 and budget.plan["horizon"] == 56
+    refined = budget.plan["refined"]
+    assert refined["from_horizon"] == 30 and refined["measured_steps"] == [5, 12]
+    assert refined["seconds_per_step"] == pytest.approx(1.0) and budget.plan["seconds_per_step"] == pytest.approx(2.0)
+    sched = method.lr_schedulers()
+    assert sched.total_steps == 56 and sched.get_last_lr()[0] == pytest.approx(sched.base_lrs[0] * sched.final_ratio)
+    horizon = load_distilled(tmp_path / "distilled.pt")["config"]["horizon"]
+    assert horizon["steps"] == 56 and "over steps 5-12 (refined from 30)" in horizon["source"]
+
+
+def test_refine_after_none_keeps_the_first_horizon(data_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(time_budget, "time", SlowStartClock(2.0, 4, 1.0))
+    L.seed_everything(0, verbose=False)
+    budget = TimeBudget(minutes=1, calibration_steps=3, skip_steps=1, margin=1.0, refine_after=None)
+    trainer = _fit(data_root, tmp_path, _frepo(), [budget])
+    assert trainer.global_step == 30 and "refined" not in budget.plan and budget.plan["refine_at_step"] is None
 
 
 def test_max_steps_caps_the_horizon(data_root, tmp_path, monkeypatch):
@@ -108,6 +151,7 @@ def test_a_budget_spent_before_the_plan_ends_the_run(data_root, tmp_path, monkey
         ({"minutes": 0}, "positive number of minutes"),
         ({"minutes": 1, "calibration_steps": 0}, "calibration_steps"),
         ({"minutes": 1, "margin": 1.5}, "margin"),
+        ({"minutes": 1, "refine_after": 1.0}, "refine_after"),
     ],
 )
 def test_bad_arguments(kwargs, match):

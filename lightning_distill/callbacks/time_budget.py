@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from statistics import fmean
 from typing import Any
@@ -22,11 +23,18 @@ class TimeBudget(Callback):
     one machine and 6 on another. With this callback the recipe states minutes instead. After ``skip_steps`` warm-up
     steps the mean time of the next ``calibration_steps`` outer steps is measured; the horizon is then the step
     count that fills what is left of the budget (counted from the start of ``fit``, so set-up work such as a teacher
-    pool counts) times ``margin``. It is set once, as ``trainer.max_steps`` and as the horizon of every schedule that
-    takes its length from the run (cosine decay, APM's halfway decay) through
+    pool counts) times ``margin``. It is set as ``trainer.max_steps`` and as the horizon of every schedule that takes
+    its length from the run (cosine decay, APM's halfway decay) through
     :meth:`~lightning_distill.methods.DistillationMethod.set_horizon`, and is logged, recorded in the export
     (``config.horizon``) and checkpointed: a resumed run keeps the horizon and runs to it, however fast the machine
     it resumes on. Under DDP the horizon is rank zero's, broadcast.
+
+    A few steps are a short sample: two runs started together time each other's start-up, and one such sample (1.12
+    s/step where the run then took 1.0) left an eighth of a 28-minute budget unused. So the horizon is refined once,
+    when ``refine_after`` of the budget has passed: from the mean step time since the plan (hundreds of steps, the
+    periodic exports and checkpoints among them), before a cosine schedule has moved (its rate is still above 0.97 of
+    the initial one at a tenth of its length). The plan records both (``refined``). A run resumed before the
+    refinement keeps the first horizon.
 
     The recipe's ``trainer.max_steps``, when given (> 0), is a cap on the horizon; ``-1`` lets the budget decide
     (the trainer then needs ``max_time``, which also stays the hard stop). Work that comes every N steps (checkpoints,
@@ -37,9 +45,18 @@ class TimeBudget(Callback):
         calibration_steps: outer steps timed to measure the step time.
         skip_steps: first steps not timed (allocator and kernel warm-up, the first pool or student).
         margin: fraction of the remaining time the chosen horizon is planned to fill.
+        refine_after: fraction of the budget after which the horizon is refined once (at least ``calibration_steps``
+            steps after the plan); ``None`` keeps the first horizon.
     """
 
-    def __init__(self, minutes: float, calibration_steps: int = 20, skip_steps: int = 3, margin: float = 0.95) -> None:
+    def __init__(
+        self,
+        minutes: float,
+        calibration_steps: int = 20,
+        skip_steps: int = 3,
+        margin: float = 0.95,
+        refine_after: float | None = 0.1,
+    ) -> None:
         if minutes <= 0:
             raise ValueError(f"TimeBudget needs a positive number of minutes, got {minutes}")
         if calibration_steps < 1 or skip_steps < 0:
@@ -48,11 +65,15 @@ class TimeBudget(Callback):
             )
         if not 0.0 < margin <= 1.0:
             raise ValueError(f"TimeBudget's margin must be in (0, 1], got {margin}")
+        if refine_after is not None and not 0.0 < refine_after < 1.0:
+            raise ValueError(f"TimeBudget's refine_after must be in (0, 1) or None, got {refine_after}")
         self.minutes = float(minutes)
         self.calibration_steps = int(calibration_steps)
         self.skip_steps = int(skip_steps)
         self.margin = float(margin)
+        self.refine_after = None if refine_after is None else float(refine_after)
         self.plan: dict[str, Any] | None = None  # the chosen horizon, checkpointed
+        self._planned_at: tuple[int, float] | None = None  # (step, clock) of this process's plan: refine from there
         self._cap: int | None = None
         self._t0: float | None = None
         self._last: float | None = None
@@ -79,9 +100,13 @@ class TimeBudget(Callback):
             self._apply(trainer, pl_module, resumed=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.plan is not None:
-            return  # planned (or resumed with a plan): nothing more to time
         now = time.monotonic()
+        if self.plan is not None:
+            # Planned here and not yet refined: refine at the planned step. Resumed with a plan: nothing to time.
+            refine_at = self.plan.get("refine_at_step")
+            if self._planned_at is not None and refine_at is not None and trainer.global_step >= refine_at:
+                self._refine(trainer, pl_module, now)
+            return
         if self._last is not None and trainer.global_step > self.skip_steps:
             self._times.append(now - self._last)
         self._last = now
@@ -110,15 +135,50 @@ class TimeBudget(Callback):
             )
         if self._cap is not None:
             horizon = min(horizon, self._cap)
-        horizon = int(trainer.strategy.broadcast(horizon, src=0))  # every rank stops at the same step
+        # The refinement's step is fixed now, from rank zero's clock like the horizon, so that every rank refines
+        # (and broadcasts) at the same step.
+        refine_at = None
+        if self.refine_after is not None and horizon > step + 1:
+            wait = math.ceil(self.refine_after * self.minutes * 60.0 / seconds_per_step)
+            refine_at = step + max(wait, self.calibration_steps)
+            refine_at = refine_at if refine_at < horizon else None
+        horizon, refine_at = trainer.strategy.broadcast((int(horizon), refine_at), src=0)
         self.plan = {
             "minutes": self.minutes,
-            "horizon": horizon,
+            "horizon": int(horizon),
             "seconds_per_step": seconds_per_step,
             "measured_steps": [step - len(self._times) + 1, step],  # the first and last step timed
             "elapsed_at_plan_s": elapsed,
             "capped_by_max_steps": self._cap is not None and horizon == self._cap,
+            "refine_at_step": refine_at,
         }
+        self._planned_at = (step, now)
+        self._apply(trainer, pl_module, resumed=False)
+
+    def _refine(self, trainer: L.Trainer, pl_module: L.LightningModule, now: float) -> None:
+        plan = self.plan
+        assert plan is not None and self._planned_at is not None
+        step = int(trainer.global_step)
+        plan_step, plan_time = self._planned_at
+        seconds_per_step = (now - plan_time) / max(step - plan_step, 1)
+        elapsed = now - (self._t0 if self._t0 is not None else now)
+        remaining = self.minutes * 60.0 - elapsed
+        horizon = step + max(int(self.margin * max(remaining, 0.0) / seconds_per_step), 1)
+        if self._cap is not None:
+            horizon = min(horizon, self._cap)
+        horizon = int(trainer.strategy.broadcast(horizon, src=0))
+        plan["refined"] = {
+            "from_horizon": plan["horizon"],
+            "seconds_per_step": seconds_per_step,
+            "measured_steps": [plan_step + 1, step],
+            "elapsed_s": elapsed,
+        }
+        plan.update(
+            horizon=horizon,
+            refine_at_step=None,
+            capped_by_max_steps=self._cap is not None and horizon == self._cap,
+        )
+        self._planned_at = None
         self._apply(trainer, pl_module, resumed=False)
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, resumed: bool) -> None:
@@ -126,14 +186,16 @@ class TimeBudget(Callback):
         assert plan is not None
         horizon = int(plan["horizon"])
         trainer.fit_loop.epoch_loop.max_steps = horizon
+        timed = plan.get("refined") or plan
         source = (
-            f"time budget: {plan['minutes']:g} min at {plan['seconds_per_step']:.3g} s/step over steps "
-            f"{plan['measured_steps'][0]}-{plan['measured_steps'][1]}"
+            f"time budget: {plan['minutes']:g} min at {timed['seconds_per_step']:.3g} s/step over steps "
+            f"{timed['measured_steps'][0]}-{timed['measured_steps'][1]}"
+            + (f" (refined from {plan['refined']['from_horizon']})" if plan.get("refined") else "")
             + (" (capped by max_steps)" if plan.get("capped_by_max_steps") else "")
         )
         if hasattr(pl_module, "set_horizon"):
             pl_module.set_horizon(horizon, source=source)
-        what = "kept from the checkpoint" if resumed else "chosen"
+        what = "kept from the checkpoint" if resumed else ("refined" if plan.get("refined") else "chosen")
         rank_zero_info(f"TimeBudget: horizon {horizon} steps {what} ({source})")
         for logger in trainer.loggers:
             logger.log_metrics({"train/horizon": float(horizon)}, step=trainer.global_step)
