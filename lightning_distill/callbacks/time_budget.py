@@ -120,21 +120,24 @@ class TimeBudget(Callback):
         self.plan = state_dict.get("plan")
 
     # ------------------------------------------------------------------------------------------------- plan
+    def _horizon(self, step: int, now: float, seconds_per_step: float) -> tuple[int, float]:
+        """``(horizon, elapsed seconds)``: the steps filling ``margin`` of what is left of the budget at ``now`` (at
+        least one more, at most the recipe's ``max_steps``)."""
+        elapsed = now - (self._t0 if self._t0 is not None else now)
+        remaining = max(self.minutes * 60.0 - elapsed, 0.0)
+        horizon = step + max(int(self.margin * remaining / seconds_per_step), 1)
+        return (horizon if self._cap is None else min(horizon, self._cap)), elapsed
+
     def _choose(self, trainer: L.Trainer, pl_module: L.LightningModule, now: float) -> None:
         step = int(trainer.global_step)
         seconds_per_step = fmean(self._times)
-        elapsed = now - (self._t0 if self._t0 is not None else now)
-        remaining = self.minutes * 60.0 - elapsed
-        planned = int(self.margin * max(remaining, 0.0) / seconds_per_step)
-        horizon = step + max(planned, 1)
-        if remaining <= 0:
+        horizon, elapsed = self._horizon(step, now, seconds_per_step)
+        if elapsed >= self.minutes * 60.0:
             rank_zero_warn(
                 f"TimeBudget: the {self.minutes:g}-minute budget was spent before the step time was measured "
                 f"({elapsed / 60:.1f} min at step {step}); the run ends after one more step. Give more minutes or "
                 "fewer calibration_steps."
             )
-        if self._cap is not None:
-            horizon = min(horizon, self._cap)
         # The refinement's step is fixed now, from rank zero's clock like the horizon, so that every rank refines
         # (and broadcasts) at the same step.
         refine_at = None
@@ -161,11 +164,7 @@ class TimeBudget(Callback):
         step = int(trainer.global_step)
         plan_step, plan_time = self._planned_at
         seconds_per_step = (now - plan_time) / max(step - plan_step, 1)
-        elapsed = now - (self._t0 if self._t0 is not None else now)
-        remaining = self.minutes * 60.0 - elapsed
-        horizon = step + max(int(self.margin * max(remaining, 0.0) / seconds_per_step), 1)
-        if self._cap is not None:
-            horizon = min(horizon, self._cap)
+        horizon, elapsed = self._horizon(step, now, seconds_per_step)
         horizon = int(trainer.strategy.broadcast(horizon, src=0))
         plan["refined"] = {
             "from_horizon": plan["horizon"],
