@@ -419,15 +419,19 @@ class Configuration:
             return None
         return counter.get_total_flops()
 
-    def profile(self, top: int) -> list[dict[str, Any]]:
-        """The ``top`` operators of one step by self CPU time (``torch.profiler``; device time where there is one)."""
+    def step_events(self) -> Any:
+        """``torch.profiler``'s per-operator totals of one more step (with device time where there is a device)."""
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.startswith("cuda") else [])
         with profile(activities=activities) as prof:
             self.step()
             _sync(self.device)
-        events = prof.key_averages()
+        return prof.key_averages()
+
+    def profile(self, top: int) -> list[dict[str, Any]]:
+        """The ``top`` operators of one step by self CPU time (``torch.profiler``; device time where there is one)."""
+        events = self.step_events()
         total = sum(e.self_cpu_time_total for e in events) or 1.0
         ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
         return [
