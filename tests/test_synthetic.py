@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lightning_distill.synthetic import PixelSet
+from lightning_distill.synthetic.pixels import kmeans_pp_starts, lloyd
 
 
 def _real(n_per_class=5, k=3, shape=(1, 4, 4)):
@@ -69,3 +70,88 @@ def test_initialise_errors():
         s.initialise(torch.zeros(6, 3, 4, 4), y)
     with pytest.raises(ValueError, match="init must be"):
         PixelSet(ipc=1, init="zeros")
+
+
+def _modes(k=3, modes=3, per_mode=(12, 3, 3), shape=(1, 4, 4)):
+    """``k`` classes, each with ``modes`` far-apart blobs of unequal size (the first holds most images)."""
+    g = torch.Generator().manual_seed(0)
+    xs, ys, mode_of = [], [], []
+    for c in range(k):
+        for m in range(modes):
+            centre = torch.zeros(shape)
+            centre.view(-1)[m] = 20.0
+            centre += c * 100
+            n = per_mode[m]
+            xs.append(centre + 0.1 * torch.randn(n, *shape, generator=g))
+            ys.append(torch.full((n,), c))
+            mode_of += [m] * n
+    return torch.cat(xs), torch.cat(ys), torch.tensor(mode_of)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kmeans_init_takes_one_real_image_from_every_mode_of_every_class(seed):
+    x, y, mode_of = _modes()
+    s = PixelSet(ipc=3, num_classes=3, image_shape=(1, 4, 4), init="kmeans")
+    s.initialise(x, y, torch.Generator().manual_seed(seed))
+    for c in range(3):
+        found = []
+        for img in s.images.detach()[c * 3 : (c + 1) * 3]:
+            match = ((x - img).flatten(1).abs().amax(1) == 0).nonzero().flatten()
+            assert len(match) == 1 and y[match[0]] == c  # a real image of its own class
+            found.append(int(mode_of[match[0]]))
+        assert sorted(found) == [0, 1, 2]  # every mode once, though two thirds of the class sit in mode 0
+
+
+def test_random_real_init_misses_modes_that_kmeans_covers():
+    # The reason for kmeans: over ten seeds, random picks take two images of the big mode in some class.
+    x, y, mode_of = _modes()
+    missed = 0
+    for seed in range(10):
+        s = PixelSet(ipc=3, num_classes=3, image_shape=(1, 4, 4), init="real")
+        s.initialise(x, y, torch.Generator().manual_seed(seed))
+        for c in range(3):
+            imgs = s.images.detach()[c * 3 : (c + 1) * 3]
+            modes = {int(mode_of[((x - i).flatten(1).abs().amax(1) == 0).nonzero()[0, 0]]) for i in imgs}
+            missed += len(modes) < 3
+    assert missed > 0
+
+
+def test_kmeans_init_is_seeded_and_leaves_the_global_generator_alone():
+    x, y = _real(n_per_class=20)
+    state = torch.get_rng_state()
+    a, b = (PixelSet(ipc=4, num_classes=3, image_shape=(1, 4, 4), init="kmeans") for _ in range(2))
+    a.initialise(x, y, torch.Generator().manual_seed(3))
+    b.initialise(x, y, torch.Generator().manual_seed(3))
+    assert torch.equal(a.images, b.images)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len({tuple(i.flatten().tolist()) for i in a.images.detach()}) == 12  # distinct images
+
+
+def test_kmeans_init_needs_ipc_images_per_class():
+    x, y = _real(n_per_class=2)
+    s = PixelSet(ipc=3, num_classes=3, image_shape=(1, 4, 4), init="kmeans")
+    with pytest.raises(ValueError, match="fewer than ipc=3"):
+        s.initialise(x, y)
+    with pytest.raises(ValueError, match="or init: noise"):
+        s.check_data([2, 5, 5], ["a", "b", "c"])
+
+
+def test_kmeans_pp_starts_are_distinct_rows_even_when_rows_repeat():
+    x = torch.tensor([[0.0, 0.0]] * 5 + [[1.0, 1.0]])
+    starts = kmeans_pp_starts(x, 3, torch.Generator().manual_seed(0))
+    assert starts.shape == (3, 2)
+    assert {tuple(r) for r in starts.tolist()} == {(0.0, 0.0), (1.0, 1.0)}  # both points, then a repeat of a row
+
+
+def test_lloyd_matches_a_naive_float64_kmeans():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    start = x[:4].clone()
+    centres = start.clone()
+    for _ in range(100):  # naive Lloyd: explicit distances, per-cluster means
+        assign = torch.stack([((x - c) ** 2).sum(1) for c in centres], 1).argmin(1)
+        new = torch.stack([x[assign == k].mean(0) if (assign == k).any() else centres[k] for k in range(4)])
+        if torch.equal(new, centres):
+            break
+        centres = new
+    torch.testing.assert_close(lloyd(x, start), centres)

@@ -2,7 +2,7 @@
 
 from lightning_distill.synthetic.base import DistilledView, LabelKind, SyntheticSet
 from lightning_distill.synthetic.memories import AddressableMemories, memory_rows_per_class
-from lightning_distill.synthetic.pixels import PixelSet, select_real
+from lightning_distill.synthetic.pixels import PixelSet, select_kmeans, select_real
 
 __all__ = [
     "AddressableMemories",
@@ -11,5 +11,6 @@ __all__ = [
     "PixelSet",
     "SyntheticSet",
     "memory_rows_per_class",
+    "select_kmeans",
     "select_real",
 ]
