@@ -662,3 +662,18 @@ def test_speed_counts_flops_on_an_apm_image_update_not_a_retrain() -> None:
     assert cfg.method.students is students
     cfg.step()  # call 6: the cadence goes on
     assert cfg.method.students is not students
+
+
+def test_init_coverage_scores_both_starting_sets_and_draws_them(tmp_path: Path, data_root: Path) -> None:
+    """init_coverage.py scores random and k-means starting images by the nearest-image proxy on validation; on MNIST
+    (fixture or full data) the k-means picks cover the classes better, which is the reason for ``init: kmeans``."""
+    import init_coverage
+
+    out = tmp_path / "cov"
+    argv = ["--dataset", "mnist", "--root", str(data_root), "--ipcs", "1", "5", "--seeds", "0", "1", "--out", str(out)]
+    res = init_coverage.main(argv)
+    by = {(r["ipc"], r["init"]): r for r in res["rows"]}
+    assert set(by) == {(i, k) for i in (1, 5) for k in ("real", "kmeans")}
+    assert all(len(r["accuracies"]) == 2 and 0 <= r["mean"] <= 100 for r in res["rows"])
+    assert by[(5, "kmeans")]["mean"] > by[(5, "real")]["mean"]
+    assert "| 5 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
