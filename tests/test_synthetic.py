@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from lightning_distill.synthetic import PixelSet
-from lightning_distill.synthetic.pixels import kmeans_pp_starts, lloyd
 
 
 def _real(n_per_class=5, k=3, shape=(1, 4, 4)):
@@ -134,24 +133,3 @@ def test_kmeans_init_needs_ipc_images_per_class():
         s.initialise(x, y)
     with pytest.raises(ValueError, match="or init: noise"):
         s.check_data([2, 5, 5], ["a", "b", "c"])
-
-
-def test_kmeans_pp_starts_are_distinct_rows_even_when_rows_repeat():
-    x = torch.tensor([[0.0, 0.0]] * 5 + [[1.0, 1.0]])
-    starts = kmeans_pp_starts(x, 3, torch.Generator().manual_seed(0))
-    assert starts.shape == (3, 2)
-    assert {tuple(r) for r in starts.tolist()} == {(0.0, 0.0), (1.0, 1.0)}  # both points, then a repeat of a row
-
-
-def test_lloyd_matches_a_naive_float64_kmeans():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(60, 5, generator=g, dtype=torch.float64)
-    start = x[:4].clone()
-    centres = start.clone()
-    for _ in range(100):  # naive Lloyd: explicit distances, per-cluster means
-        assign = torch.stack([((x - c) ** 2).sum(1) for c in centres], 1).argmin(1)
-        new = torch.stack([x[assign == k].mean(0) if (assign == k).any() else centres[k] for k in range(4)])
-        if torch.equal(new, centres):
-            break
-        centres = new
-    torch.testing.assert_close(lloyd(x, start), centres)

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_distill.functional.kmeans import kmeans_pp_starts, lloyd, squared_distances
 from lightning_distill.functional.losses import centred_one_hot
 from lightning_distill.synthetic.base import LabelKind, SyntheticSet
 
@@ -141,7 +142,8 @@ def select_kmeans(
     A random draw of ``ipc`` images can take two from one mode of a class and none from another; the images nearest
     k-means centres cover the class, so a short distillation starts closer to a set that represents it (the idea of
     DREAM, Liu et al. 2023, used here only to choose the starting images). Per class, in pixel space:
-    :func:`kmeans_pp_starts` from ``generator``, then :func:`lloyd`; each centre then takes the nearest image not
+    :func:`~lightning_distill.functional.kmeans.kmeans_pp_starts` from ``generator``, then
+    :func:`~lightning_distill.functional.kmeans.lloyd`; each centre then takes the nearest image not
     taken by an earlier centre, so the picks are distinct real images and the same ``generator`` gives the same set.
 
     Raises:
@@ -162,46 +164,3 @@ def select_kmeans(
             picks.append(idx[j])
             dist[:, j] = float("inf")
     return x_real[torch.stack(picks)]
-
-
-def squared_distances(a: Tensor, b: Tensor) -> Tensor:
-    """``(M, N)`` squared Euclidean distances between the rows of ``a`` ``(M, D)`` and ``b`` ``(N, D)`` (one matmul)."""
-    return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)).clamp_min(0)
-
-
-def kmeans_pp_starts(x: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): ``k`` rows of ``x`` ``(N, D)``, each drawn with probability
-    proportional to its squared distance from the rows already drawn: ``(k, D)``. A uniform start (kornia's) can put
-    two centres in one big mode and leave Lloyd's iterations sharing one centre between two small modes."""
-    first = int(torch.randint(len(x), (1,), generator=generator))
-    chosen = [first]
-    d2 = squared_distances(x[first : first + 1], x)[0]
-    for _ in range(1, k):
-        weights = d2.cpu().double()
-        if weights.sum() <= 0:  # every row coincides with a chosen one: take any row not chosen yet
-            weights = torch.ones(len(x), dtype=torch.float64)
-            weights[chosen] = 0
-        j = int(torch.multinomial(weights, 1, generator=generator))
-        chosen.append(j)
-        d2 = torch.minimum(d2, squared_distances(x[j : j + 1], x)[0])
-    return x[chosen]
-
-
-def lloyd(x: Tensor, centres: Tensor, max_iterations: int = 100) -> Tensor:
-    """Lloyd's k-means iterations on the rows of ``x`` ``(N, D)`` from ``centres`` ``(K, D)``, until no assignment
-    changes or ``max_iterations``; a centre left without rows stays where it is. Returns ``(K, D)``.
-
-    Hand-written: kornia's ``KMeans`` forms an ``(N, K, D)`` difference per iteration (140 s for MNIST at 10 images
-    per class, 2 threads, where this takes a second) and draws from the global generator.
-    """
-    assign = None
-    for _ in range(max_iterations):
-        new = squared_distances(x, centres).argmin(1)
-        if assign is not None and torch.equal(new, assign):
-            break
-        assign = new
-        one_hot = torch.nn.functional.one_hot(assign, len(centres)).to(x.dtype)
-        counts = one_hot.sum(0)
-        sums = one_hot.T @ x
-        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
-    return centres
