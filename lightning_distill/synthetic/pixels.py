@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -116,15 +116,9 @@ def select_real(
     Raises:
         ValueError: when a class has fewer than ``ipc`` images.
     """
-    y_cpu = y_real.cpu()
-    picks = []
-    for c in range(num_classes):
-        idx = torch.nonzero(y_cpu == c).flatten()
-        if len(idx) < ipc:
-            raise ValueError(f"class {c} has {len(idx)} real images, fewer than ipc={ipc}")
-        perm = torch.randperm(len(idx), generator=generator)[:ipc]
-        picks.append(idx[perm])
-    return x_real[torch.cat(picks).to(x_real.device)]
+    return _per_class(
+        x_real, y_real, num_classes, ipc, lambda idx: idx[torch.randperm(len(idx), generator=generator)[:ipc]]
+    )
 
 
 def select_kmeans(
@@ -149,18 +143,27 @@ def select_kmeans(
     Raises:
         ValueError: when a class has fewer than ``ipc`` images.
     """
+
+    def pick(idx: Tensor) -> Tensor:
+        x_c = x_real[idx.to(x_real.device)].flatten(1).float()
+        dist = squared_distances(lloyd(x_c, kmeans_pp_starts(x_c, ipc, generator), max_iterations), x_c)
+        chosen = []
+        for k in range(ipc):
+            j = int(dist[k].argmin())
+            chosen.append(j)
+            dist[:, j] = float("inf")
+        return idx[chosen]
+
+    return _per_class(x_real, y_real, num_classes, ipc, pick)
+
+
+def _per_class(x_real: Tensor, y_real: Tensor, num_classes: int, ipc: int, pick: Callable[[Tensor], Tensor]) -> Tensor:
+    """``x_real`` at ``pick(indices of class c)`` for each class in order; refuses a class with fewer than ``ipc``."""
     y_cpu = y_real.cpu()
     picks = []
     for c in range(num_classes):
         idx = torch.nonzero(y_cpu == c).flatten()
         if len(idx) < ipc:
             raise ValueError(f"class {c} has {len(idx)} real images, fewer than ipc={ipc}")
-        idx = idx.to(x_real.device)
-        x_c = x_real[idx].flatten(1).float()
-        centres = lloyd(x_c, kmeans_pp_starts(x_c, ipc, generator), max_iterations)
-        dist = squared_distances(centres, x_c)
-        for k in range(ipc):
-            j = int(dist[k].argmin())
-            picks.append(idx[j])
-            dist[:, j] = float("inf")
-    return x_real[torch.stack(picks)]
+        picks.append(pick(idx))
+    return x_real[torch.cat(picks).to(x_real.device)]
