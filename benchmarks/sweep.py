@@ -251,6 +251,33 @@ def main() -> None:
     finish(out, stem, res, markdown, plot)
 
 
+SEED_OPTION = "--model.init_args.seed="
+
+
+def seed_groups(runs: dict[str, Any]) -> list[list[str]]:
+    """Runs that differ only in the method's seed (``--model.init_args.seed=``; a run without it has seed 0), in
+    groups of two or more: how far the seed alone moves a score, beside which the other runs' differences are read."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, run in runs.items():
+        rest = tuple(sorted(o for o in run["overrides"] if not o.startswith(SEED_OPTION)))
+        groups.setdefault(rest, []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def seed_lines(runs: dict[str, Any]) -> list[str]:
+    """One Markdown paragraph per :func:`seed_groups` group: its runs and the range of their scores."""
+    lines = []
+    for group in seed_groups(runs):
+        means = [runs[k]["val"]["mean"] for k in group]
+        lines += [
+            f"Seed spread: {', '.join(group)} differ only in the method's seed and scored {min(means):.1f}-"
+            f"{max(means):.1f} ({max(means) - min(means):.1f} points); differences between one-seed runs smaller "
+            "than that do not rank them.",
+            "",
+        ]
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     s, o = r["stamp"], r["options"]
     rows = [
@@ -276,6 +303,7 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"Best on validation: **{r['best']}**.",
             "",
+            *seed_lines(r["runs"]),
         ]
     )
 

@@ -677,3 +677,24 @@ def test_init_coverage_scores_both_starting_sets_and_draws_them(tmp_path: Path, 
     assert all(len(r["accuracies"]) == 2 and 0 <= r["mean"] <= 100 for r in res["rows"])
     assert by[(5, "kmeans")]["mean"] > by[(5, "real")]["mean"]
     assert "| 5 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_sweep_reports_the_spread_of_runs_that_differ_only_in_the_seed() -> None:
+    """Runs whose overrides match once the seed is taken out (no seed override means seed 0) are grouped, and the
+    Markdown states their range, so a one-seed difference smaller than it is not read as a ranking."""
+    import sweep
+
+    def run(overrides: list[str], mean: float) -> dict[str, object]:
+        return {"overrides": overrides, "val": {"mean": mean}}
+
+    runs = {
+        "base": run([], 96.9),
+        "a": run(["--x=1"], 97.0),
+        "a_seed1": run(["--model.init_args.seed=1", "--x=1"], 97.5),
+        "a_seed2": run(["--x=1", "--model.init_args.seed=2"], 97.1),
+        "b_seed1": run(["--y=2", "--model.init_args.seed=1"], 97.4),
+    }
+    assert sweep.seed_groups(runs) == [["a", "a_seed1", "a_seed2"]]
+    (line, blank) = sweep.seed_lines(runs)
+    assert line.startswith("Seed spread: a, a_seed1, a_seed2") and "97.0-97.5 (0.5 points)" in line and blank == ""
+    assert sweep.seed_lines({"base": runs["base"], "a": runs["a"]}) == []
