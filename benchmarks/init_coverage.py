@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import finish, save_figure, started  # noqa: E402
+from stamp import finish_at, save_figure, stamp_line, started  # noqa: E402
 
 from lightning_distill.data import DATASETS  # noqa: E402
 from lightning_distill.synthetic import select_kmeans, select_real  # noqa: E402
@@ -39,10 +39,13 @@ def nearest_image_accuracy(x_set: torch.Tensor, ipc: int, x_val: torch.Tensor, y
     return float((nearest // ipc == y_val).float().mean()) * 100
 
 
-def measure(dm: Any, ipcs: list[int], seeds: list[int]) -> list[dict[str, Any]]:
-    """One row per (ipc, init): the proxy over ``seeds`` and the seconds each selection took."""
+def measure(
+    dm: Any, ipcs: list[int], seeds: list[int]
+) -> tuple[list[dict[str, Any]], dict[tuple[int, str], torch.Tensor]]:
+    """One row per (ipc, init): the proxy over ``seeds`` and the seconds each selection took; and the first seed's
+    set per (ipc, init), for the picture."""
     k = dm.num_classes
-    rows = []
+    rows, first_sets = [], {}
     for ipc in ipcs:
         for init, select in SELECTORS.items():
             accs, secs = [], []
@@ -51,6 +54,7 @@ def measure(dm: Any, ipcs: list[int], seeds: list[int]) -> list[dict[str, Any]]:
                 x_set = select(dm.x_train, dm.y_train, k, ipc, torch.Generator().manual_seed(seed))
                 secs.append(time.perf_counter() - t)
                 accs.append(nearest_image_accuracy(x_set, ipc, dm.x_val, dm.y_val))
+                first_sets.setdefault((ipc, init), x_set)
             rows.append(
                 {
                     "ipc": ipc,
@@ -62,7 +66,7 @@ def measure(dm: Any, ipcs: list[int], seeds: list[int]) -> list[dict[str, Any]]:
                 }
             )
             print(f"IPC {ipc} {init}: {rows[-1]['mean']:.1f} ± {rows[-1]['std']:.1f} ({rows[-1]['seconds']} s)")
-    return rows
+    return rows, first_sets
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -82,18 +86,16 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {ipc} | {real['mean']:.1f} ± {real['std']:.1f} | {km['mean']:.1f} ± {km['std']:.1f} | {km['seconds']} |"
         )
-    s = res["stamp"]
-    lines += ["", f"{s['date']}, {s['hardware']}, torch {s['torch']}, commit {s['commit']}.", ""]
+    lines += ["", f"{stamp_line(res['stamp'])}.", ""]
     return "\n".join(lines)
 
 
-def picture(dm: Any, ipc: int, seed: int, res: dict[str, Any], path: Path) -> None:
-    """Both starting sets of one seed side by side (one row per class)."""
+def picture(sets: dict[str, torch.Tensor], ipc: int, seed: int, dm: Any, res: dict[str, Any], path: Path) -> None:
+    """The two starting sets (``{init: images}``) of one seed side by side, one row per class."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(2 + ipc * 0.9, 1.5 + dm.num_classes * 0.45))
-    for ax, (init, select) in zip(axes, SELECTORS.items(), strict=True):
-        x_set = select(dm.x_train, dm.y_train, dm.num_classes, ipc, torch.Generator().manual_seed(seed))
+    for ax, (init, x_set) in zip(axes, sets.items(), strict=True):
         ax.imshow(image_grid(x_set, ipc, dm.preprocessing).permute(1, 2, 0).numpy())
         ax.set_title(f"init: {init} (IPC {ipc}, seed {seed})", fontsize=9)
         ax.axis("off")
@@ -114,21 +116,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dm = DATASETS[args.dataset](root=args.root, download=False)
     dm.prepare_data()
     dm.setup("fit")
+    rows, first_sets = measure(dm, args.ipcs, args.seeds)
     res = {
         **started(argv),
         "dataset": args.dataset,
         "ipcs": args.ipcs,
         "seeds": args.seeds,
         "proxy": "nearest-starting-image accuracy on validation",
-        "rows": measure(dm, args.ipcs, args.seeds),
+        "rows": rows,
     }
-    if args.out is not None:
-        # the picture at the largest IPC up to 10 (wider grids are unreadable), else the smallest asked for
-        shown = max((i for i in args.ipcs if i <= 10), default=min(args.ipcs))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        finish(
-            args.out.parent, args.out.name, res, markdown, lambda r, path: picture(dm, shown, args.seeds[0], r, path)
-        )
+    # the picture at the largest IPC up to 10 (wider grids are unreadable), else the smallest asked for
+    shown = max((i for i in args.ipcs if i <= 10), default=min(args.ipcs))
+    sets = {init: first_sets[(shown, init)] for init in SELECTORS}
+    finish_at(args.out, res, markdown, lambda r, path: picture(sets, shown, args.seeds[0], dm, r, path))
     return res
 
 

@@ -98,11 +98,17 @@ def started(argv: list[str] | None) -> dict[str, Any]:
     return {"stamp": stamp(), "argv": sys.argv[1:] if argv is None else argv}
 
 
-def finish_at(out: Path | None, res: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
-    """:func:`finish` to ``OUT.json`` and ``OUT.md`` for a script's ``--out OUT`` (nothing when it is ``None``)."""
+def finish_at(
+    out: Path | None,
+    res: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None] | None = None,
+) -> None:
+    """:func:`finish` to ``OUT.json``, ``OUT.md`` (and ``OUT.png`` with ``plot``) for a script's ``--out OUT``
+    (nothing when it is ``None``)."""
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        finish(out.parent, out.name, res, markdown)
+        finish(out.parent, out.name, res, markdown, plot)
 
 
 def stamp_line(s: dict[str, Any]) -> str:

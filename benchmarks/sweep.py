@@ -255,7 +255,7 @@ SEED_OPTION = "--model.init_args.seed="
 
 
 def seed_groups(runs: dict[str, Any]) -> list[list[str]]:
-    """Runs that differ only in the method's seed (``--model.init_args.seed=``; a run without it has seed 0), in
+    """Runs that differ only in the method's seed (``--model.init_args.seed=``; a run without it has the recipe's), in
     groups of two or more: how far the seed alone moves a score, beside which the other runs' differences are read."""
     groups: dict[tuple[str, ...], list[str]] = {}
     for name, run in runs.items():
