@@ -247,21 +247,33 @@ def main() -> None:
             tmp.write_text(json.dumps(res, indent=2))
     if not res["runs"]:
         raise SystemExit("no run was made or merged: name some with --only, or merge the sweeps that made them")
-    res["best"] = max(res["runs"], key=lambda k: res["runs"][k]["val"]["mean"])
+    res["best"] = best_configuration(res["runs"])[0]
     finish(out, stem, res, markdown, plot)
 
 
 SEED_OPTION = "--model.init_args.seed="
 
 
-def seed_groups(runs: dict[str, Any]) -> list[list[str]]:
-    """Runs that differ only in the method's seed (``--model.init_args.seed=``; a run without it has the recipe's), in
-    groups of two or more: how far the seed alone moves a score, beside which the other runs' differences are read."""
+def configurations(runs: dict[str, Any]) -> list[list[str]]:
+    """The runs grouped by configuration: runs whose overrides match once the method's seed
+    (``--model.init_args.seed=``; a run without it has the recipe's) is taken out are one configuration's draws."""
     groups: dict[tuple[str, ...], list[str]] = {}
     for name, run in runs.items():
         rest = tuple(sorted(o for o in run["overrides"] if not o.startswith(SEED_OPTION)))
         groups.setdefault(rest, []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
+    return list(groups.values())
+
+
+def seed_groups(runs: dict[str, Any]) -> list[list[str]]:
+    """:func:`configurations` with two or more seeds: how far the seed alone moves a score, beside which the other
+    runs' differences are read."""
+    return [g for g in configurations(runs) if len(g) > 1]
+
+
+def best_configuration(runs: dict[str, Any]) -> list[str]:
+    """The configuration with the highest validation score averaged over its seeds, its first run first: a sweep
+    ranks settings, and naming the luckiest seed of one would rank a draw instead."""
+    return max(configurations(runs), key=lambda g: sum(runs[k]["val"]["mean"] for k in g) / len(g))
 
 
 def seed_lines(runs: dict[str, Any]) -> list[str]:
@@ -276,6 +288,15 @@ def seed_lines(runs: dict[str, Any]) -> list[str]:
             "",
         ]
     return lines
+
+
+def best_line(r: dict[str, Any]) -> str:
+    """Which configuration scored best on validation, and over how many seeds."""
+    group = next((g for g in configurations(r["runs"]) if r["best"] in g), [r["best"]])
+    if len(group) == 1:
+        return f"Best on validation: **{r['best']}**."
+    mean = sum(r["runs"][k]["val"]["mean"] for k in group) / len(group)
+    return f"Best on validation: **{r['best']}** ({mean:.1f}, the mean of its {len(group)} seeds: {', '.join(group)})."
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -301,7 +322,7 @@ def markdown(r: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|",
             *rows,
             "",
-            f"Best on validation: **{r['best']}**.",
+            best_line(r),
             "",
             *seed_lines(r["runs"]),
         ]
@@ -318,7 +339,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     means = [r["runs"][k]["val"]["mean"] for k in names]
     stds = [r["runs"][k]["val"]["std"] for k in names]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 4))
-    ax.bar(names, means, yerr=stds, color=["C3" if k == r["best"] else "C0" for k in names])
+    best = next((g for g in configurations(r["runs"]) if r["best"] in g), [r["best"]])
+    ax.bar(names, means, yerr=stds, color=["C3" if k in best else "C0" for k in names])
     lo = min(m - s for m, s in zip(means, stds, strict=True))
     ax.set_ylim(max(0.0, lo - 3), min(100.0, max(m + s for m, s in zip(means, stds, strict=True)) + 1.5))
     ax.set_ylabel("validation accuracy (%, krr)")

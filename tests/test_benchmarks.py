@@ -698,3 +698,26 @@ def test_sweep_reports_the_spread_of_runs_that_differ_only_in_the_seed() -> None
     (line, blank) = sweep.seed_lines(runs)
     assert line.startswith("Seed spread: a, a_seed1, a_seed2") and "97.0-97.5 (0.5 points)" in line and blank == ""
     assert sweep.seed_lines({"base": runs["base"], "a": runs["a"]}) == []
+
+
+def test_sweep_names_the_best_configuration_by_its_mean_over_seeds() -> None:
+    """A configuration's lucky seed does not make it the best: the sweep ranks configurations by the mean over their
+    seeds, names the first run of the winner, and says how many seeds the mean is over."""
+    import sweep
+
+    def run(overrides: list[str], mean: float) -> dict[str, object]:
+        return {"overrides": overrides, "val": {"mean": mean}}
+
+    runs = {
+        "base": run([], 97.2),
+        "a": run(["--x=1"], 96.9),
+        "a_seed1": run(["--x=1", "--model.init_args.seed=1"], 97.5),  # the best single run, of a worse configuration
+    }
+    assert sweep.configurations(runs) == [["base"], ["a", "a_seed1"]]
+    assert sweep.best_configuration(runs) == ["base"]
+    assert sweep.best_line({"runs": runs, "best": "base"}) == "Best on validation: **base**."
+    runs["a_seed1"]["val"]["mean"] = 97.7  # now a's mean, 97.3, beats base
+    assert sweep.best_configuration(runs) == ["a", "a_seed1"]
+    assert sweep.best_line({"runs": runs, "best": "a"}) == (
+        "Best on validation: **a** (97.3, the mean of its 2 seeds: a, a_seed1)."
+    )

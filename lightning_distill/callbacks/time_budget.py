@@ -128,6 +128,10 @@ class TimeBudget(Callback):
         horizon = step + max(int(self.margin * remaining / seconds_per_step), 1)
         return (horizon if self._cap is None else min(horizon, self._cap)), elapsed
 
+    def _capped(self, horizon: int) -> bool:
+        """Whether the recipe's ``max_steps``, not the clock, set ``horizon`` (recorded in the plan)."""
+        return self._cap is not None and horizon == self._cap
+
     def _choose(self, trainer: L.Trainer, pl_module: L.LightningModule, now: float) -> None:
         step = int(trainer.global_step)
         seconds_per_step = fmean(self._times)
@@ -152,7 +156,7 @@ class TimeBudget(Callback):
             "seconds_per_step": seconds_per_step,
             "measured_steps": [step - len(self._times) + 1, step],  # the first and last step timed
             "elapsed_at_plan_s": elapsed,
-            "capped_by_max_steps": self._cap is not None and horizon == self._cap,
+            "capped_by_max_steps": self._capped(horizon),
             "refine_at_step": refine_at,
         }
         self._planned_at = (step, now)
@@ -175,7 +179,7 @@ class TimeBudget(Callback):
         plan.update(
             horizon=horizon,
             refine_at_step=None,
-            capped_by_max_steps=self._cap is not None and horizon == self._cap,
+            capped_by_max_steps=self._capped(horizon),
         )
         self._planned_at = None
         self._apply(trainer, pl_module, resumed=False)
