@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_cell import Snapshots  # noqa: E402
-from stamp import finish, score_set, stamp, trainer_args  # noqa: E402
+from stamp import finish, pm, score_set, stamp, trainer_args  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
@@ -186,10 +186,6 @@ def main() -> None:
     finish(out, stem, res, markdown)
 
 
-def _pm(r: dict[str, Any] | None) -> str:
-    return "–" if not r else f"{r['mean']:.1f} ± {r['std']:.1f}"
-
-
 def markdown(r: dict[str, Any]) -> str:
     s, t = r["stamp"], r["teachers"]
     rp = f"{r['random_paper_dc'][0]} ± {r['random_paper_dc'][1]} (dc)" if r["random_paper_dc"] else "–"
@@ -206,10 +202,10 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "| set | apm protocol | dc protocol | krr protocol | paper |",
         "|---|---|---|---|---|",
-        f"| APM (ours) | {_pm(r['distilled'].get('apm'))} | {_pm(r['distilled'].get('dc'))} | "
-        f"{_pm(r['distilled'].get('krr'))} | – (APM reports none) |",
-        f"| random real (ours; apm: the same teacher's logits) | {_pm(r['random'].get('apm'))} | "
-        f"{_pm(r['random'].get('dc'))} | {_pm(r['random'].get('krr'))} | {rp} |",
+        f"| APM (ours) | {pm(r['distilled'].get('apm'))} | {pm(r['distilled'].get('dc'))} | "
+        f"{pm(r['distilled'].get('krr'))} | – (APM reports none) |",
+        f"| random real (ours; apm: the same teacher's logits) | {pm(r['random'].get('apm'))} | "
+        f"{pm(r['random'].get('dc'))} | {pm(r['random'].get('krr'))} | {rp} |",
     ]
     if r.get("reference"):
         ref = r["reference"]

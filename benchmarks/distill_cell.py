@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import finish, keep_previous, save_figure, score_set, stamp, trainer_args  # noqa: E402
+from stamp import finish, keep_previous, pm, save_figure, score_set, stamp, trainer_args  # noqa: E402
 
 from lightning_distill.cli import cli_main  # noqa: E402
 from lightning_distill.eval import NO_FLIP_DATASETS  # noqa: E402
@@ -245,10 +245,6 @@ def main() -> None:
     finish(out, stem, res, markdown, plot)
 
 
-def _pm(r: dict[str, Any] | None) -> str:
-    return "–" if not r else f"{r['mean']:.1f} ± {r['std']:.1f}"
-
-
 def markdown(r: dict[str, Any]) -> str:
     s = r["stamp"]
     paper = f"{r['paper'][0]} ± {r['paper'][1]}" if r["paper"] else "–"
@@ -267,8 +263,8 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             "| set | krr protocol | dc protocol | paper |",
             "|---|---|---|---|",
-            f"| {r['method']} (ours) | {_pm(r['distilled']['krr'])} | {_pm(r['distilled']['dc'])} | {paper} |",
-            f"| random real (ours) | {_pm(r['random'].get('krr'))} | {_pm(r['random'].get('dc'))} | {rp} (dc) |",
+            f"| {r['method']} (ours) | {pm(r['distilled']['krr'])} | {pm(r['distilled']['dc'])} | {paper} |",
+            f"| random real (ours) | {pm(r['random'].get('krr'))} | {pm(r['random'].get('dc'))} | {rp} (dc) |",
             "",
             f"Networks per evaluation: {len(r['distilled']['krr']['accuracies'])} for the {r['method']} set, "
             + (

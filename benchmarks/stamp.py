@@ -111,6 +111,14 @@ def finish_at(
         finish(out.parent, out.name, res, markdown, plot)
 
 
+def pm(r: dict[str, Any] | None) -> str:
+    """A score as ``mean ± std`` over its networks; one network's score alone (its std of 0 would claim a spread
+    nothing measured); ``–`` for none."""
+    if not r:
+        return "–"
+    return f"{r['mean']:.1f}" if len(r.get("accuracies", ())) == 1 else f"{r['mean']:.1f} ± {r['std']:.1f}"
+
+
 def stamp_line(s: dict[str, Any]) -> str:
     """A stamp as one line for a figure: date · hardware · torch · commit."""
     return f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}"

@@ -351,15 +351,15 @@ def _order(r: Row) -> tuple:
 # ------------------------------------------------------------------------------------------------- reporting
 def _other_note(res: dict[str, Any]) -> str:
     """A score under a protocol with no column of its own (rtp, apm), said first in a row's notes with its name."""
-    return f"**{res['protocol']} protocol: {_pm(res)}**"
+    from stamp import pm  # here: stamp imports torch, which --list and --dry-run need not
 
-
-def _pm(r: dict[str, Any] | None) -> str:
-    return "–" if not r else f"{r['mean']:.1f} ± {r['std']:.1f}"
+    return f"**{res['protocol']} protocol: {pm(res)}**"
 
 
 def table(rows: Sequence[Row], link_dir: str) -> str:
     """The markdown table; ``link_dir`` is the results folder relative to the file the table goes into."""
+    from stamp import pm  # here: stamp imports torch, which --list and --dry-run need not
+
     lines = [
         "| dataset | IPC | set | krr protocol | dc protocol | paper | distillation | nets | notes "
         "| hardware | torch | commit | date | details |",
@@ -372,7 +372,7 @@ def table(rows: Sequence[Row], link_dir: str) -> str:
             distil = f"{r.steps} steps, {r.minutes:.1f} min, {r.ms_per_step:.0f} ms/step"
         s = r.stamp
         lines.append(
-            f"| {r.dataset} | {r.ipc} | {r.method} | {_pm(r.krr)} | {_pm(r.dc)} | {paper} | {distil} | {r.nets} "
+            f"| {r.dataset} | {r.ipc} | {r.method} | {pm(r.krr)} | {pm(r.dc)} | {paper} | {distil} | {r.nets} "
             f"| {'; '.join(r.notes)} | {s.get('hardware', '?')} | {s.get('torch', '?')} | {s.get('commit', '?')} "
             f"| {s.get('date', '?')} | [{r.source}]({link_dir}/{r.source}) |"
         )
@@ -520,6 +520,8 @@ def full_data_rows(cells: list[tuple[Path, dict[str, Any]]], link: str) -> list[
 def krr_width_rows(rows: Sequence[Row], link: str) -> list[str]:
     """Table lines pairing a cell's krr score at its narrower network with ``lightning-distill evaluate``'s score of
     the very export (the same run folder and step) under the protocol's own network (the paper's width)."""
+    from stamp import pm
+
     from lightning_distill.eval import get_protocol
 
     own = get_protocol("krr").arch_kwargs
@@ -538,8 +540,8 @@ def krr_width_rows(rows: Sequence[Row], link: str) -> list[str]:
         width = r.krr["extra"]["arch_kwargs"].get("width")
         paper = f"{r.paper[0]} ± {r.paper[1]}" if r.paper else "–"
         lines.append(
-            f"| {r.dataset} | {r.ipc} | [{r.recipe}]({link}/{r.source}) | {r.steps} | {_pm(r.krr)} (width {width}) "
-            f"| {_pm(paired.krr)} | {len(paired.krr['accuracies'])} | {paper} "
+            f"| {r.dataset} | {r.ipc} | [{r.recipe}]({link}/{r.source}) | {r.steps} | {pm(r.krr)} (width {width}) "
+            f"| {pm(paired.krr)} | {len(paired.krr['accuracies'])} | {paper} "
             f"| [{paired.source}]({link}/{paired.source}) |"
         )
     return lines

@@ -721,3 +721,12 @@ def test_sweep_names_the_best_configuration_by_its_mean_over_seeds() -> None:
     assert sweep.best_line({"runs": runs, "best": "a"}) == (
         "Best on validation: **a** (97.3, the mean of its 2 seeds: a, a_seed1)."
     )
+
+
+def test_a_score_of_one_network_shows_no_spread() -> None:
+    """``mean ± std`` over two or more networks; one network's score alone, since its std of 0 measures nothing."""
+    import stamp
+
+    assert stamp.pm(None) == "–"
+    assert stamp.pm({"mean": 97.64, "std": 0.0, "accuracies": [97.64]}) == "97.6"
+    assert stamp.pm({"mean": 97.775, "std": 0.055, "accuracies": [97.83, 97.72]}) == "97.8 ± 0.1"
