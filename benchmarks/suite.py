@@ -299,6 +299,7 @@ def eval_rows(obj: dict[str, Any], path: Path) -> list[Row]:
         # The run folder tells apart sets of one method (memories or pixels) that the method name does not.
         where = f" of {Path(e['path']).parent.name}" if e.get("path") else ""
         where += f" (step {e['step']})" if e.get("step") is not None else ""  # which export of that run folder
+        where += f", distilled in {e['distilled_precision']}" if e.get("distilled_precision") else ""
         row.notes = [*other, f"lightning-distill evaluate ({e.get('method', '?')}){where}", *_eval_notes(res)]
         rows.append(row)
     return rows

@@ -245,7 +245,7 @@ def test_report_rows_and_readme_block(tmp_path: Path) -> None:
     (out / "distilled_eval_dc.json").write_text(json.dumps(evaluated))
     # A score under a protocol with no column of its own (the memories paper's rtp) is said in the notes.
     rtp_extra = {**extra, "ipc": 1, "method": "MemoriesBPTT", "path": "runs/bench/memories_mnist_ipc1_cpu/distilled.pt"}
-    rtp_extra["step"] = 900
+    rtp_extra.update(step=900, distilled_precision="fp32")
     rtp = EvalResult("rtp", "convnet", [86.0, 86.5], 290, 300, 3.0, rtp_extra).to_dict()
     (out / "memories_eval_rtp.json").write_text(json.dumps({"stamp": STAMP, "results": [rtp]}))
     # Tables of their own (rows key) are embedded, not read as results; progress files are not results at all.
@@ -272,7 +272,8 @@ def test_report_rows_and_readme_block(tmp_path: Path) -> None:
         ("mnist", 10, "random real"),
     ]
     assert "| 2 | **rtp protocol: 86.2 ± 0.2**;" in md
-    assert "evaluate (MemoriesBPTT) of memories_mnist_ipc1_cpu (step 900)" in md  # which set, not only which method
+    # Which set, not only which method, and the precision it was distilled under.
+    assert "evaluate (MemoriesBPTT) of memories_mnist_ipc1_cpu (step 900), distilled in fp32" in md
     assert "| 90.0 ± 0.0 | 85.0 ± 0.0 | 93.0 ± 0.4 (krr) | 2400 steps, 21.0 min, 525 ms/step |" in md
     assert "| mnist | 10 | random real | – | 65.0 ± 1.0 | 95.1 ± 0.9 (dc) |" in md
     assert "krr net width 64" in md and "def5678" in md and "Test CPU, 2 cores" in md

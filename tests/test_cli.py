@@ -73,6 +73,8 @@ def test_fit_export_evaluate(data_root, tmp_path, capsys):
     assert r["arch"] == "convnet_frepo" and r["extra"]["arch_kwargs"] == {"norm": "none", "width": 8}
     # Which set was scored, not only which path: a repeated run replaces the file under the same name.
     assert r["extra"]["set_digest"] == set_digest(load_distilled(out / "distilled.pt"))
+    # ...and the precision it was distilled under (the method's resolved policy, from the export).
+    assert r["extra"]["distilled_precision"] == load_distilled(out / "distilled.pt")["config"]["precision_resolved"]
     for bad in ("{width: 8}", "[8]"):
         with pytest.raises(SystemExit):
             main([*args, "--arch-kwargs", bad])

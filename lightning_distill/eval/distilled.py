@@ -282,6 +282,7 @@ def evaluate_distilled(
         method=payload["method"],
         label_kind=payload["label_kind"],
         step=payload.get("step"),  # older exports do not record it
+        distilled_precision=(payload.get("config") or {}).get("precision_resolved"),  # the policy it was made under
         device=str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
     )
     return result
