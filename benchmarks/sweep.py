@@ -290,9 +290,14 @@ def seed_lines(runs: dict[str, Any]) -> list[str]:
     return lines
 
 
+def best_group(r: dict[str, Any]) -> list[str]:
+    """The runs of the configuration a sweep result names best (its seeds), for the Markdown and the plot."""
+    return next((g for g in configurations(r["runs"]) if r["best"] in g), [r["best"]])
+
+
 def best_line(r: dict[str, Any]) -> str:
     """Which configuration scored best on validation, and over how many seeds."""
-    group = next((g for g in configurations(r["runs"]) if r["best"] in g), [r["best"]])
+    group = best_group(r)
     if len(group) == 1:
         return f"Best on validation: **{r['best']}**."
     mean = sum(r["runs"][k]["val"]["mean"] for k in group) / len(group)
@@ -339,7 +344,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     means = [r["runs"][k]["val"]["mean"] for k in names]
     stds = [r["runs"][k]["val"]["std"] for k in names]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 4))
-    best = next((g for g in configurations(r["runs"]) if r["best"] in g), [r["best"]])
+    best = best_group(r)
     ax.bar(names, means, yerr=stds, color=["C3" if k in best else "C0" for k in names])
     lo = min(m - s for m, s in zip(means, stds, strict=True))
     ax.set_ylim(max(0.0, lo - 3), min(100.0, max(m + s for m, s in zip(means, stds, strict=True)) + 1.5))
