@@ -233,6 +233,9 @@ def test_privacy_command_end_to_end(data_root, tmp_path, capsys):
     points = [p for r in written["results"] for p in r["points"]]
     assert all(set(p["auc"]) == set(ATTACKS) and 0 <= p["best_auc"] <= 1 for p in points)
     assert written["results"][0]["extra"]["method"] == "RandomSubset"
+    # The set is described as evaluate describes it, the precision it was distilled under included.
+    precision = load_distilled(path)["config"]["precision_resolved"]
+    assert written["results"][0]["extra"]["distilled_precision"] == precision
     assert (out / "distilled_privacy.png").stat().st_size > 1000
     # A second run keeps the first result: it goes to distilled_privacy-2.json (and -2.png) unless --overwrite.
     quick = ["--steps", "0", "--no-baseline", "--attacks", "threshold", "--no-progress"]

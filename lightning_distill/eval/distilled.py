@@ -63,6 +63,20 @@ def datamodule_for(
     return cls(**init_args)
 
 
+def describe_export(path: str | os.PathLike, payload: dict[str, Any]) -> dict[str, Any]:
+    """Which set a score is of, recorded beside every score of an export (``evaluate`` and ``privacy``): its file,
+    dataset, IPC, method, label kind, step and the precision its network passes were distilled under."""
+    return {
+        "path": str(path),
+        "dataset": payload["dataset"],
+        "ipc": int(payload["ipc"]),
+        "method": payload["method"],
+        "label_kind": payload["label_kind"],
+        "step": payload.get("step"),  # older exports do not record it
+        "distilled_precision": (payload.get("config") or {}).get("precision_resolved"),
+    }
+
+
 def test_split_for(
     payload: dict[str, Any], root: str | None = None, path: str | None = None, where: str | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -275,14 +289,8 @@ def evaluate_distilled(
         precision=precision,
     )
     result.extra.update(
-        path=str(path),
+        **describe_export(path, payload),
         set_digest=set_digest(payload),  # the very set scored: a repeated run replaces the file
-        dataset=payload["dataset"],
-        ipc=int(payload["ipc"]),
-        method=payload["method"],
-        label_kind=payload["label_kind"],
-        step=payload.get("step"),  # older exports do not record it
-        distilled_precision=(payload.get("config") or {}).get("precision_resolved"),  # the policy it was made under
         device=str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
     )
     return result

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_distill.eval.distilled import datamodule_for, test_split_for
+from lightning_distill.eval.distilled import datamodule_for, describe_export, test_split_for
 from lightning_distill.eval.protocols import (
     NO_FLIP_DATASETS,
     Protocol,
@@ -569,12 +569,7 @@ def evaluate_privacy(
         nonmembers=pool,
     )
     info = {
-        "path": str(path),
-        "dataset": payload["dataset"],
-        "ipc": int(payload["ipc"]),
-        "method": payload["method"],
-        "label_kind": payload["label_kind"],
-        "step": payload.get("step"),
+        **describe_export(path, payload),
         "nonmembers": "test split" if pool is None else f"{len(pool[0])} training images outside the members",
     }
     sets = [("distilled", payload["images"], payload["labels"])]
