@@ -273,7 +273,12 @@ def seed_groups(runs: dict[str, Any]) -> list[list[str]]:
 def best_configuration(runs: dict[str, Any]) -> list[str]:
     """The configuration with the highest validation score averaged over its seeds, its first run first: a sweep
     ranks settings, and naming the luckiest seed of one would rank a draw instead."""
-    return max(configurations(runs), key=lambda g: sum(runs[k]["val"]["mean"] for k in g) / len(g))
+    return max(configurations(runs), key=lambda g: group_mean(runs, g))
+
+
+def group_mean(runs: dict[str, Any], group: list[str]) -> float:
+    """A configuration's validation score: the mean of its seeds' means."""
+    return sum(runs[k]["val"]["mean"] for k in group) / len(group)
 
 
 def seed_lines(runs: dict[str, Any]) -> list[str]:
@@ -300,7 +305,7 @@ def best_line(r: dict[str, Any]) -> str:
     group = best_group(r)
     if len(group) == 1:
         return f"Best on validation: **{r['best']}**."
-    mean = sum(r["runs"][k]["val"]["mean"] for k in group) / len(group)
+    mean = group_mean(r["runs"], group)
     return f"Best on validation: **{r['best']}** ({mean:.1f}, the mean of its {len(group)} seeds: {', '.join(group)})."
 
 
