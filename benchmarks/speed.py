@@ -69,8 +69,7 @@ Constructor = Callable[[int, str, str], tuple[DistillationMethod, int]]
 
 def _memories_bptt(ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int]:
     """MemoriesBPTT on AddressableMemories as in recipes/memories/ (official: width 128, T=150, 32 addresses per class,
-    K=16 at half resolution, real batch 640; cpu: width 16, T=10, 10 per class, batch 256). Always float32 (the
-    reverse pass is exact only there); ``precision`` is ignored."""
+    K=16 at half resolution, real batch 640; cpu: width 16, T=10, 10 per class, batch 256)."""
     from lightning_distill.methods import MemoriesBPTT
     from lightning_distill.synthetic import AddressableMemories
 
@@ -81,6 +80,7 @@ def _memories_bptt(ipc: int, profile: str, precision: str = "fp32") -> tuple[Dis
         inner_steps=steps,
         inner_lr=0.01 if profile == "official" else 0.05,
         per_class_batch=per_class,
+        precision=precision,
     )
     return method, {"official": 640, "cpu": 256, "smoke": 64}[profile]
 
@@ -190,9 +190,6 @@ def discover_methods() -> list[str]:
 def takes_precision(name: str) -> bool:
     """Whether the method's constructor accepts ``precision`` (a method without network passes need not)."""
     return "precision" in inspect.signature(getattr(methods_pkg, name).__init__).parameters
-
-
-CONSTRUCTORS["MemoriesBPTT"] = _memories_bptt
 
 
 def build(name: str, ipc: int, profile: str, precision: str = "fp32") -> tuple[DistillationMethod, int, str]:

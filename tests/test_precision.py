@@ -10,7 +10,8 @@ import torch
 from lightning_distill import precision as prec
 from lightning_distill.components import ModelPool
 from lightning_distill.functional import kernels, krr_predict
-from lightning_distill.methods import FRePo
+from lightning_distill.methods import FRePo, MemoriesBPTT
+from lightning_distill.methods.base import MetaStep
 from lightning_distill.nets import get_net
 from lightning_distill.precision import FP32, PrecisionPolicy
 from lightning_distill.synthetic import PixelSet
@@ -20,6 +21,10 @@ from tests.helpers import quiet_trainer, tiny_mnist_dm
 #: gradient and 0.99997 for the label gradient (0.9962 and 0.9994 at IPC 10 with 256 real images; Xeon with AMX,
 #: torch 2.14). bf16 keeps 8 mantissa bits per activation: 0.99 leaves room for other seeds and kernels.
 MIN_COSINE = 0.99
+#: The tiny MemoriesBPTT step below (ConvNet width 8, 3 inner steps, memories K=4, random images), seeds 0-5 on an AMD
+#: EPYC (AVX2: bf16 emulated by oneDNN), torch 2.14: cosine 0.995-0.997 for the bases, 0.979-0.993 for the
+#: coefficients (each coefficient's gradient sums through a few inner steps of a width-8 net, so it rounds more).
+MEMORIES_MIN_COSINE = 0.97
 
 
 @pytest.fixture(autouse=True)
@@ -224,6 +229,40 @@ def test_bf16_frepo_online_step_keeps_float32_state():
     assert all(torch.isfinite(p).all() for p in params.values())
 
 
+def _memories_step(mode: str, seed: int = 0) -> tuple[MetaStep, MemoriesBPTT]:
+    """One outer step of a tiny MemoriesBPTT (ConvNet width 8, 3 inner steps) on random data, the same draws."""
+    from lightning_distill.synthetic import AddressableMemories
+
+    shape = (1, 28, 28)
+    gen = torch.Generator().manual_seed(seed)
+    x_real, y_real = torch.randn(100, *shape, generator=gen), torch.arange(100) % 10
+    m = MemoriesBPTT(
+        synthetic=AddressableMemories(ipc=1, num_bases=4, rows_per_class=3),
+        arch_kwargs={"width": 8, "depth": 2},
+        inner_steps=3,
+        per_class_batch=2,
+        precision=mode,
+    )
+    m.synthetic.build(10, shape)
+    m.synthetic.initialise(x_real, y_real, torch.Generator().manual_seed(1))
+    m.setup_method(SimpleNamespace(num_classes=10, image_shape=shape, x_train=x_real, y_train=y_real))
+    return m.outer_loss(None, None, x_real, y_real), m
+
+
+def test_bf16_memories_hypergradient_agrees_with_fp32():
+    (s32, m32), (s16, m16) = _memories_step("fp32"), _memories_step("bf16")
+    assert m16.network_precision.bf16 and not m32.network_precision.bf16
+    assert m16.config()["precision_resolved"] == "bf16"
+    assert s16.grads.keys() == s32.grads.keys() == {"synthetic.bases", "synthetic.coefficients"}
+    for name, g32 in s32.grads.items():
+        g16 = s16.grads[name]
+        assert g16.dtype == torch.float32  # the adjoints and the hyper-gradient stay float32
+        cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0)
+        assert cos > MEMORIES_MIN_COSINE, f"{name}: cosine {cos:.5f}"
+        assert 0.9 < g16.norm() / g32.norm() < 1.1
+    assert float(s16.value) == pytest.approx(float(s32.value), rel=0.02)
+
+
 def test_precision_is_recorded_in_the_config():
     assert _frepo("fp32")[0].config()["precision_resolved"] == "fp32"
     cfg = _frepo("bf16")[0].config()
@@ -232,14 +271,14 @@ def test_precision_is_recorded_in_the_config():
 
 
 def test_the_default_is_the_environment_else_auto(monkeypatch):
-    from lightning_distill.methods import MemoriesBPTT, RandomSubset
+    from lightning_distill.methods import RandomSubset
 
     monkeypatch.delenv(prec.PRECISION_ENV, raising=False)
     assert prec.default_precision() == "auto" and PrecisionPolicy(None).mode == "auto"
     method = FRePo(synthetic=PixelSet(ipc=1))
     assert method.hparams["precision"] is None and method.precision_policy.mode == "auto"
-    # Methods whose passes must stay float32 (an exact reverse pass) or that have none pin it whatever the default.
-    assert MemoriesBPTT(synthetic=PixelSet(ipc=1)).precision_policy.mode == "fp32"
+    assert MemoriesBPTT(synthetic=PixelSet(ipc=1)).precision_policy.mode == "auto"
+    # A method without network passes pins float32 whatever the default.
     assert RandomSubset(synthetic=PixelSet(ipc=1)).precision_policy.mode == "fp32"
     monkeypatch.setenv(prec.PRECISION_ENV, " BF16 ")
     assert FRePo(synthetic=PixelSet(ipc=1)).precision_policy.mode == "bf16"

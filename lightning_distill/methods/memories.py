@@ -9,6 +9,11 @@ Each outer step trains a fresh, seeded network for ``T`` SGD-with-momentum steps
 synthetic set, scores the final network by cross-entropy on a real batch, and obtains the exact hyper-gradient by the
 memory-efficient reverse pass of :mod:`lightning_distill.functional.unroll` (``T`` weight snapshots, one step's graph
 at a time). The gradient is clipped to a global norm and applied by SGD (lr 0.1, momentum 0.5).
+
+Precision: the network passes (every inner step's forward and backward, the real batch's forward) follow the method's
+precision policy (:mod:`lightning_distill.precision`). The reverse pass rebuilds each step's graph with the same
+``loss_fn``, so under bf16 it differentiates exactly the bf16 computation the forward unroll ran; the weights, their
+snapshots, the momentum buffers and the adjoints ``dw``, ``dv`` and the hyper-gradient stay float32 whatever the policy.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lightning_distill.eval.continual import RTP_PROTOCOL
 from lightning_distill.functional.unroll import reverse_sgd, unroll_sgd
 from lightning_distill.methods.base import DistillationMethod, MetaStep
 from lightning_distill.nets import get_net, list_nets, seeded_net
+from lightning_distill.precision import PrecisionMode
 from lightning_distill.synthetic.base import SyntheticSet
 
 __all__ = ["RTP_PROTOCOL", "MemoriesBPTT", "inner_cross_entropy"]
@@ -80,6 +86,9 @@ class MemoriesBPTT(DistillationMethod):
             here every inner step (and the real batch) draws its own, which the reverse pass replays exactly.
         max_consecutive_skips: stop after this many non-finite outer steps in a row (0: never).
         seed: seeds the networks, the class and address draws and the augmentation.
+        precision: precision of the network passes (``fp32``, ``bf16`` or ``auto``; ``None``: the
+            ``LIGHTNING_DISTILL_PRECISION`` environment variable, else ``auto``). Snapshots, momentum, adjoints and
+            the hyper-gradient stay float32.
     """
 
     materialise_set = False
@@ -105,6 +114,7 @@ class MemoriesBPTT(DistillationMethod):
         augment: nn.Module | None = None,
         max_consecutive_skips: int = 20,
         seed: int = 0,
+        precision: PrecisionMode | None = None,
     ) -> None:
         super().__init__(
             synthetic=synthetic,
@@ -114,7 +124,7 @@ class MemoriesBPTT(DistillationMethod):
             augment=augment,
             max_consecutive_skips=max_consecutive_skips,
             seed=seed,
-            precision="fp32",  # the reverse pass rebuilds each step's graph: exact only when the passes are float32
+            precision=precision,
         )
         if arch not in list_nets():
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(list_nets())}")
@@ -191,7 +201,8 @@ class MemoriesBPTT(DistillationMethod):
         if not bool(keep.any()):
             return None  # no real image of this step's classes: nothing to learn
         x_real, y_real = x_real[keep], y_real[keep]
-        net = self.build_network(int(torch.randint(2**62, (1,), generator=self.generator)))
+        prec = self.network_precision
+        net = prec.module(self.build_network(int(torch.randint(2**62, (1,), generator=self.generator))))
         params = {n: p.detach() for n, p in net.named_parameters()}
         buffers = {n: b for n, b in net.named_buffers()}
         batches = [b.to(device) for b in self.draw_batches(classes)]
@@ -207,8 +218,12 @@ class MemoriesBPTT(DistillationMethod):
                 x = aug.apply(x, aug_params[t])
             return x, y
 
+        def forward(p: dict[str, Tensor], x: Tensor) -> Tensor:
+            # One network pass under the policy; the reverse pass replays it through this same function.
+            return prec.call(lambda x_: functional_call(net, {**p, **buffers}, (x_,)), x)
+
         def loss_fn(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            return inner_cross_entropy(functional_call(net, {**p, **buffers}, (x,)), y)
+            return inner_cross_entropy(forward(p, x), y)
 
         trace = unroll_sgd(
             loss_fn,
@@ -224,7 +239,7 @@ class MemoriesBPTT(DistillationMethod):
         x_eval = aug.apply(x_real, real_params) if aug is not None else x_real
         with torch.enable_grad():
             w_T = {k: v.detach().requires_grad_(True) for k, v in trace.params.items()}
-            logits = functional_call(net, {**w_T, **buffers}, (x_eval,))
+            logits = forward(w_T, x_eval)
             outer = F.cross_entropy(logits, y_real)
             dw = torch.autograd.grad(outer, list(w_T.values()))
         grad_meta, _ = reverse_sgd(loss_fn, trace, batch_fn, meta, dict(zip(w_T, dw, strict=True)))
