@@ -343,12 +343,26 @@ class PeakMemory:
 class Configuration:
     """One method built for one (input, IPC, precision), with the work of one ``training_step`` as :meth:`step`."""
 
-    def __init__(self, name: str, shape: tuple[int, int, int], ipc: int, device: str, profile: str, precision: str):
+    def __init__(
+        self,
+        name: str,
+        shape: tuple[int, int, int],
+        ipc: int,
+        device: str,
+        profile: str,
+        precision: str,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """``data``: real images and labels to initialise the set from and to draw the real batch from (their first
+        ``batch``); ``None``: random pixels, classes in turn (speed does not depend on pixel values)."""
         method, batch, built = build(name, ipc, profile, precision)
         gen = torch.Generator().manual_seed(0)
         n = max(batch, NUM_CLASSES * ipc)  # at least ipc images of every class to initialise the set from
-        x_real = torch.randn(n, *shape, generator=gen)
-        y_real = torch.arange(n) % NUM_CLASSES
+        if data is None:
+            x_real = torch.randn(n, *shape, generator=gen)
+            y_real = torch.arange(n) % NUM_CLASSES
+        else:
+            x_real, y_real = data
         method.synthetic.build(NUM_CLASSES, shape)
         method.to(device)
         method.synthetic.initialise(x_real, y_real, gen)

@@ -423,6 +423,38 @@ def test_pool_adam_compares_the_two_kernels_and_keeps_the_first_result(tmp_path:
     assert [p.suffix for p in kept] == [".json", ".md"] and kept[0].read_text() == first
 
 
+def test_bf16_agreement_compares_the_same_draws_in_both_precisions(tmp_path: Path) -> None:
+    """bf16_agreement.py builds each method in float32 and in bf16 from the same state and compares each draw's
+    meta-gradients; the draws differ (each its own real batch); a method without a precision argument is refused."""
+    import bf16_agreement
+
+    out = tmp_path / "agree"
+    argv = ["--profile", "smoke", "--data", "random", "--ipcs", "1", "--draws", "2", "--threads", "1"]
+    methods = ["--methods", "FRePo", "MemoriesBPTT", "RCIG"]
+    res = bf16_agreement.main([*argv, *methods, "--device", "cpu", "--out", str(out)])
+    frepo, memories, rcig = res["rows"]
+    assert set(frepo["summary"]) == {"synthetic.images", "synthetic.labels"}
+    assert set(memories["summary"]) == {"synthetic.bases", "synthetic.coefficients"}
+    # RCIG's outer step is float32 by design (only its pool's training follows the policy): said, not averaged in.
+    assert (
+        rcig["identical"]
+        and "| RCIG | 1 | smoke | 64 | `synthetic.images` | identical:" in out.with_suffix(".md").read_text()
+    )
+    for row in (frepo, memories):
+        assert not row["identical"]
+        d0, d1 = row["draws"]
+        assert d0["loss_fp32"] != d1["loss_fp32"]  # two real batches, not one step twice
+        for s in row["summary"].values():
+            # bf16 moves the gradient a little, and does move it (an identical one would mean bf16 never ran).
+            assert 0.9 < s["cosine_min"] <= s["cosine_median"] < 1.0 - 1e-6
+            assert 0.8 < s["norm_ratio_min"] <= s["norm_ratio_max"] < 1.25
+    assert "| FRePo | 1 | smoke | 64 | `synthetic.images` |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="RandomSubset: precision did not take"):
+        bf16_agreement.main([*argv, "--methods", "RandomSubset", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        bf16_agreement.main([*argv, "--methods", "NoSuchMethod"])
+
+
 def test_cell_without_random_real(tmp_path: Path) -> None:
     """--random-repeats 0 (random real scored by another cell at the same budget): the cell's page, picture and
     report row stand without it, and the suite counts it as done for a budget of 0 random networks only."""

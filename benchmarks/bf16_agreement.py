@@ -1,0 +1,210 @@
+"""How far a method's meta-gradient moves under bf16 network passes, at a recipe's scale: the same outer steps in
+float32 and in bf16, from the same state, compared by cosine and norm ratio.
+
+    python benchmarks/bf16_agreement.py --methods FRePo RCIG APM MemoriesBPTT --ipcs 10 --profile cpu --draws 3 \
+        --data mnist --threads 1 --out benchmarks/results/bf16_agreement_amd
+
+The unit tests bound the agreement on tiny problems (``tests/test_precision.py``, ``tests/test_unroll.py``); this
+measures it where a recipe runs (speed.py's ``--profile``: ``cpu`` is the CPU recipes' networks, ``official`` the
+papers'), on real images. Per method and IPC two copies are built with speed.py's configuration, one forced to
+float32 and one to bf16, from the same seeds and the same initial set. Each *draw* is one call of ``outer_loss`` in
+each copy on the draw's own real batch (the next ``real batch`` images; their generators advance alike, so both also
+draw the same fresh network, inner batches or augmentation); nothing is stepped, so every draw starts from the same
+set and the same pool. Reported per
+meta-parameter: the cosine between the two gradients and the ratio of their norms (bf16 over float32), and the
+relative difference of the outer loss.
+
+bf16 rounding is the same arithmetic wherever it runs (8 mantissa bits per activation, float32 accumulation), so the
+figures do not need bf16 hardware: on a CPU without AMX or AVX-512 bf16 oneDNN emulates it (slowly). What they
+cannot show is speed (``speed.py --precision fp32,policy``) or the accuracy of a whole run's set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402
+from stamp import finish_at, stamp_line, started  # noqa: E402
+
+#: Datasets whose images are speed.py's "28px grey" input.
+DATASETS = ("mnist", "fashion_mnist")
+
+
+def real_data(name: str, n: int) -> tuple[Tensor, Tensor]:
+    """The first ``n`` training images of ``name`` as the datamodule gives them (standardised), and their labels;
+    ``random``: ``n`` random images, classes in turn."""
+    if name == "random":
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(n, *speed.SHAPES["28px grey"], generator=gen), torch.arange(n) % speed.NUM_CLASSES
+    from lightning_distill.data import get_datamodule
+
+    dm = get_datamodule(name)
+    dm.prepare_data()
+    dm.setup("fit")
+    if len(dm.x_train) < n:
+        raise SystemExit(f"{name} has {len(dm.x_train)} training images; {n} are needed: use fewer --draws")
+    return dm.x_train[:n].float(), dm.y_train[:n]
+
+
+def meta_gradients(cfg: speed.Configuration) -> tuple[dict[str, Tensor], float]:
+    """One ``outer_loss`` call of ``cfg``'s method: its meta-gradients by name and the outer loss (nothing stepped)."""
+    method = cfg.method
+    x_syn, y_syn = method.synthetic() if method.materialise_set else (None, None)
+    out = method.outer_loss(x_syn, y_syn, cfg.x_real, cfg.y_real)
+    if out is None:
+        return {}, math.nan
+    if out.grads is not None:
+        return {n: g.detach().float() for n, g in out.grads.items()}, float(out.logged_value)
+    named = {n: p for n, p in cfg.named.items() if p.requires_grad}
+    grads = torch.autograd.grad(out.loss, list(named.values()), allow_unused=True)
+    return {n: g.float() for n, g in zip(named, grads, strict=True) if g is not None}, float(out.loss.detach())
+
+
+def agreement(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """Per meta-parameter present in both: cosine of ``b`` with ``a`` and ``‖b‖ / ‖a‖``."""
+    out = {}
+    for name in a.keys() & b.keys():
+        x, y = a[name].flatten().double(), b[name].flatten().double()
+        nx, ny = float(x.norm()), float(y.norm())
+        out[name] = {
+            "cosine": float(x @ y) / (nx * ny) if nx and ny else math.nan,
+            "norm_ratio": ny / nx if nx else math.nan,
+        }
+    return out
+
+
+def compare(name: str, ipc: int, draws: int, device: str, profile: str, data: tuple[Tensor, Tensor]) -> dict[str, Any]:
+    """``draws`` outer steps of ``name`` in float32 and in bf16 from the same state; one row per (method, IPC)."""
+    configs = {
+        prec: speed.Configuration(name, speed.SHAPES["28px grey"], ipc, device, profile, prec, data=data)
+        for prec in ("fp32", "bf16")
+    }
+    resolved = {prec: cfg.method.network_precision.dtype for prec, cfg in configs.items()}
+    if resolved != {"fp32": "fp32", "bf16": "bf16"}:
+        raise SystemExit(f"{name}: precision did not take ({resolved}): it needs a precision argument")
+    batch = configs["fp32"].batch
+    if len(data[0]) < draws * batch:
+        raise SystemExit(f"{draws} draws of {batch} real images need {draws * batch} images, got {len(data[0])}")
+    per_draw = []
+    for d in range(draws):
+        for cfg in configs.values():
+            cfg.x_real, cfg.y_real = (t[d * batch : (d + 1) * batch].to(device) for t in data)
+        g32, loss32 = meta_gradients(configs["fp32"])
+        g16, loss16 = meta_gradients(configs["bf16"])
+        same = g32.keys() == g16.keys() and all(torch.equal(g32[n], g16[n]) for n in g32)
+        per_draw.append(
+            {"draw": d, "loss_fp32": loss32, "loss_bf16": loss16, "identical": same, "params": agreement(g32, g16)}
+        )
+        summary = ", ".join(
+            f"{n} cos {v['cosine']:.4f} ratio {v['norm_ratio']:.3f}" for n, v in sorted(per_draw[-1]["params"].items())
+        )
+        print(f"{name} IPC {ipc} draw {d}: loss {loss32:.5g} → {loss16:.5g}; {summary}", flush=True)
+    params = sorted({n for r in per_draw for n in r["params"]})
+    return {
+        "method": name,
+        "ipc": ipc,
+        "profile": profile,
+        "real_batch": configs["fp32"].batch,
+        "draws": per_draw,
+        "summary": {
+            n: {
+                "cosine_min": min(r["params"][n]["cosine"] for r in per_draw if n in r["params"]),
+                "cosine_median": statistics.median(r["params"][n]["cosine"] for r in per_draw if n in r["params"]),
+                "norm_ratio_min": min(r["params"][n]["norm_ratio"] for r in per_draw if n in r["params"]),
+                "norm_ratio_max": max(r["params"][n]["norm_ratio"] for r in per_draw if n in r["params"]),
+            }
+            for n in params
+        },
+        # Bitwise equal in every draw: no pass of this outer step runs in bf16 (RCIG's linearised passes and solves
+        # are float32 by design; only its pool's training, which no draw steps, follows the policy).
+        "identical": all(r["identical"] for r in per_draw),
+        "loss_rel_diff_max": max(abs(r["loss_bf16"] - r["loss_fp32"]) / abs(r["loss_fp32"]) for r in per_draw),
+    }
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        "# bf16 against float32: the same outer steps' meta-gradients",
+        "",
+        f"{stamp_line(res['stamp'])}; device `{res['device']}`, data `{res['data']}`. `python "
+        f"benchmarks/bf16_agreement.py {' '.join(res['argv'])}`.",
+        "",
+        f"{res['draws']} draws per row: one `outer_loss` call in a float32 copy and in a bf16 copy of the method, "
+        "from the same seeds and set (speed.py's configuration), each draw on its own real batch; nothing stepped. "
+        "*Cosine*: of the bf16 meta-gradient with the float32 one; *norm ratio*: bf16 over float32; *loss*: the "
+        "largest relative difference of the outer loss.",
+        "",
+        *([f"Note: {res['note']}", ""] if res.get("note") else []),
+        "| method | IPC | profile | real batch | meta-parameter | cosine (min / median) | norm ratio (min – max) "
+        "| loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        for n, s in r["summary"].items():
+            cosine = (
+                "identical: no pass of this outer step runs in bf16"
+                if r.get("identical")
+                else f"{s['cosine_min']:.4f} / {s['cosine_median']:.4f}"
+            )
+            lines.append(
+                f"| {r['method']} | {r['ipc']} | {r['profile']} | {r['real_batch']} | `{n}` | {cosine} | "
+                f"{s['norm_ratio_min']:.3f} – "
+                f"{s['norm_ratio_max']:.3f} | {r['loss_rel_diff_max']:.1e} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["FRePo", "RCIG", "APM", "MemoriesBPTT"])
+    parser.add_argument("--ipcs", type=int, nargs="+", default=[10])
+    parser.add_argument("--draws", type=int, default=3, help="outer_loss calls compared per row")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", choices=speed.PROFILES, default=None, help="default: official on GPU, cpu on CPU")
+    parser.add_argument(
+        "--data",
+        choices=(*DATASETS, "random"),
+        default="mnist",
+        help="real images to initialise the set and draw the real batch from ($LIGHTNING_DISTILL_DATA), or random "
+        "pixels",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--note", default="", help="a remark recorded with the results")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (old ones: replaced/)")
+    args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error(f"--draws must be at least 1, got {args.draws}")
+    unknown = sorted(set(args.methods) - set(speed.CONSTRUCTORS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {sorted(speed.CONSTRUCTORS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile = args.profile or ("official" if args.device.startswith("cuda") else "cpu")
+    # Enough images for each draw's real batch (at most 1024, the official FRePo/RCIG batch) and to initialise a set.
+    data = real_data(args.data, max(1024 * args.draws, speed.NUM_CLASSES * max(args.ipcs)))
+    rows = [compare(name, ipc, args.draws, args.device, profile, data) for name in args.methods for ipc in args.ipcs]
+    res = {
+        **started(argv),
+        "device": args.device,
+        "data": args.data,
+        "draws": args.draws,
+        "rows": rows,
+        "note": args.note,
+    }
+    finish_at(args.out, res, markdown)
+    if args.out is None:
+        print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
