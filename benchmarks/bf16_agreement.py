@@ -22,6 +22,7 @@ cannot show is speed (``speed.py --precision fp32,policy``) or the accuracy of a
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import statistics
 import sys
@@ -82,12 +83,39 @@ def agreement(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, dict[str,
     return out
 
 
-def compare(name: str, ipc: int, draws: int, device: str, profile: str, data: tuple[Tensor, Tensor]) -> dict[str, Any]:
-    """``draws`` outer steps of ``name`` in float32 and in bf16 from the same state; one row per (method, IPC)."""
+def parse_override(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` (VALUE a Python literal, e.g. ``inner_steps=150``) as ``(name, value)``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"an override is NAME=VALUE (e.g. inner_steps=150), got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{text!r}: VALUE must be a Python literal (150, 0.01, 'x')") from None
+
+
+def compare(
+    name: str,
+    ipc: int,
+    draws: int,
+    device: str,
+    profile: str,
+    data: tuple[Tensor, Tensor],
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``draws`` outer steps of ``name`` in float32 and in bf16 from the same state; one row per (method, IPC).
+
+    ``overrides``: attributes of the built method to set before the first draw (e.g. ``inner_steps`` for a longer
+    unroll than the profile's); an attribute the method does not have is refused."""
     configs = {
         prec: speed.Configuration(name, speed.SHAPES["28px grey"], ipc, device, profile, prec, data=data)
         for prec in ("fp32", "bf16")
     }
+    for key, value in (overrides or {}).items():
+        for cfg in configs.values():
+            if not hasattr(cfg.method, key):
+                raise SystemExit(f"--override {key}: {name} has no attribute {key!r}")
+            setattr(cfg.method, key, value)
     resolved = {prec: cfg.method.network_precision.dtype for prec, cfg in configs.items()}
     if resolved != {"fp32": "fp32", "bf16": "bf16"}:
         raise SystemExit(f"{name}: precision did not take ({resolved}): it needs a precision argument")
@@ -113,6 +141,7 @@ def compare(name: str, ipc: int, draws: int, device: str, profile: str, data: tu
         "method": name,
         "ipc": ipc,
         "profile": profile,
+        "overrides": dict(overrides or {}),
         "real_batch": configs["fp32"].batch,
         "draws": per_draw,
         "summary": {
@@ -155,8 +184,9 @@ def markdown(res: dict[str, Any]) -> str:
                 if r.get("identical")
                 else f"{s['cosine_min']:.4f} / {s['cosine_median']:.4f}"
             )
+            profile = r["profile"] + "".join(f", {k}={v}" for k, v in r.get("overrides", {}).items())
             lines.append(
-                f"| {r['method']} | {r['ipc']} | {r['profile']} | {r['real_batch']} | `{n}` | {cosine} | "
+                f"| {r['method']} | {r['ipc']} | {profile} | {r['real_batch']} | `{n}` | {cosine} | "
                 f"{s['norm_ratio_min']:.3f} – "
                 f"{s['norm_ratio_max']:.3f} | {r['loss_rel_diff_max']:.1e} |"
             )
@@ -178,6 +208,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pixels",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--override",
+        type=parse_override,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set an attribute of every built method before the draws, e.g. inner_steps=150 (repeatable)",
+    )
     parser.add_argument("--note", default="", help="a remark recorded with the results")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (old ones: replaced/)")
     args = parser.parse_args(argv)
@@ -191,7 +229,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     profile = args.profile or ("official" if args.device.startswith("cuda") else "cpu")
     # Enough images for each draw's real batch (at most 1024, the official FRePo/RCIG batch) and to initialise a set.
     data = real_data(args.data, max(1024 * args.draws, speed.NUM_CLASSES * max(args.ipcs)))
-    rows = [compare(name, ipc, args.draws, args.device, profile, data) for name in args.methods for ipc in args.ipcs]
+    overrides = dict(args.override)
+    rows = [
+        compare(name, ipc, args.draws, args.device, profile, data, overrides)
+        for name in args.methods
+        for ipc in args.ipcs
+    ]
     res = {
         **started(argv),
         "device": args.device,

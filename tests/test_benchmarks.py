@@ -453,6 +453,15 @@ def test_bf16_agreement_compares_the_same_draws_in_both_precisions(tmp_path: Pat
         bf16_agreement.main([*argv, "--methods", "RandomSubset", "--device", "cpu"])
     with pytest.raises(SystemExit):
         bf16_agreement.main([*argv, "--methods", "NoSuchMethod"])
+    # --override sets a method's attribute for every draw (a longer unroll than the profile's), and is recorded.
+    one = ["--profile", "smoke", "--data", "random", "--ipcs", "1", "--draws", "1", "--device", "cpu"]
+    res = bf16_agreement.main([*one, "--methods", "MemoriesBPTT", "--override", "inner_steps=3", "--out", str(out)])
+    assert res["rows"][0]["overrides"] == {"inner_steps": 3}
+    assert "| MemoriesBPTT | 1 | smoke, inner_steps=3 | 64 |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="FRePo has no attribute 'inner_steps'"):
+        bf16_agreement.main([*one, "--methods", "FRePo", "--override", "inner_steps=3"])
+    with pytest.raises(SystemExit):
+        bf16_agreement.main([*one, "--override", "inner_steps"])
 
 
 def test_cell_without_random_real(tmp_path: Path) -> None:
