@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import finish, keep_previous, save_figure, score_set, stamp, trainer_args  # noqa: E402
+from stamp import finish, keep_previous, pm, save_figure, score_set, stamp, trainer_args  # noqa: E402
 
 from lightning_distill.callbacks import TimeBudget  # noqa: E402
 from lightning_distill.cli import cli_main  # noqa: E402
@@ -314,7 +314,7 @@ def markdown(r: dict[str, Any]) -> str:
     rows = [
         f"| {'**' + k + '**' if k == r['best'] else k} | {' '.join(v['overrides']) or '(recipe)'} | "
         f"{v.get('precision', '–')} | {v['steps']} | "
-        f"{v['ms_per_step']:.0f} | {v['val']['mean']:.1f} ± {v['val']['std']:.1f} | {v['stamp']['date']} |"
+        f"{v['ms_per_step']:.0f} | {pm(v['val'])} | {v['stamp']['date']} |"
         for k, v in r["runs"].items()
     ]
     return "\n".join(
