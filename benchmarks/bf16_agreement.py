@@ -12,7 +12,10 @@ each copy on the draw's own real batch (the next ``real batch`` images; their ge
 draw the same fresh network, inner batches or augmentation); nothing is stepped, so every draw starts from the same
 set and the same pool. Reported per
 meta-parameter: the cosine between the two gradients and the ratio of their norms (bf16 over float32), and the
-relative difference of the outer loss.
+relative difference of the outer loss. The yardstick is a third copy, float32 with the method's next seed (other
+networks, pools, students, draws; the same set and real batches): its cosine with the float32 gradient is how far
+the method's own randomness moves a step. A method whose step trains networks first (APM's students) compares whole
+trainings, where bf16 rounding grows the way a different seed does.
 
 bf16 rounding is the same arithmetic wherever it runs (8 mantissa bits per activation, float32 accumulation), so the
 figures do not need bf16 hardware: on a CPU without AMX or AVX-512 bf16 oneDNN emulates it (slowly). What they
@@ -107,16 +110,21 @@ def compare(
 
     ``overrides``: attributes of the built method to set before the first draw (e.g. ``inner_steps`` for a longer
     unroll than the profile's); an attribute the method does not have is refused."""
+    shape = speed.SHAPES["28px grey"]
     configs = {
-        prec: speed.Configuration(name, speed.SHAPES["28px grey"], ipc, device, profile, prec, data=data)
-        for prec in ("fp32", "bf16")
+        prec: speed.Configuration(name, shape, ipc, device, profile, prec, data=data) for prec in ("fp32", "bf16")
     }
+    # The yardstick: float32 again with the method's next seed (other networks, pools, students and draws; the same
+    # set and real batches). bf16 moving the gradient less than that is within the method's own randomness.
+    configs["fp32_seed"] = speed.Configuration(
+        name, shape, ipc, device, profile, "fp32", data=data, seed=configs["fp32"].method.seed + 1
+    )
     for key, value in (overrides or {}).items():
         for cfg in configs.values():
             if not hasattr(cfg.method, key):
                 raise SystemExit(f"--override {key}: {name} has no attribute {key!r}")
             setattr(cfg.method, key, value)
-    resolved = {prec: cfg.method.network_precision.dtype for prec, cfg in configs.items()}
+    resolved = {prec: configs[prec].method.network_precision.dtype for prec in ("fp32", "bf16")}
     if resolved != {"fp32": "fp32", "bf16": "bf16"}:
         raise SystemExit(f"{name}: precision did not take ({resolved}): it needs a precision argument")
     batch = configs["fp32"].batch
@@ -128,12 +136,22 @@ def compare(
             cfg.x_real, cfg.y_real = (t[d * batch : (d + 1) * batch].to(device) for t in data)
         g32, loss32 = meta_gradients(configs["fp32"])
         g16, loss16 = meta_gradients(configs["bf16"])
+        g_seed, _ = meta_gradients(configs["fp32_seed"])
         same = g32.keys() == g16.keys() and all(torch.equal(g32[n], g16[n]) for n in g32)
         per_draw.append(
-            {"draw": d, "loss_fp32": loss32, "loss_bf16": loss16, "identical": same, "params": agreement(g32, g16)}
+            {
+                "draw": d,
+                "loss_fp32": loss32,
+                "loss_bf16": loss16,
+                "identical": same,
+                "params": agreement(g32, g16),
+                "seed_params": agreement(g32, g_seed),
+            }
         )
+        last = per_draw[-1]
         summary = ", ".join(
-            f"{n} cos {v['cosine']:.4f} ratio {v['norm_ratio']:.3f}" for n, v in sorted(per_draw[-1]["params"].items())
+            f"{n} cos {v['cosine']:.4f} ratio {v['norm_ratio']:.3f} (seed {last['seed_params'][n]['cosine']:.4f})"
+            for n, v in sorted(last["params"].items())
         )
         print(f"{name} IPC {ipc} draw {d}: loss {loss32:.5g} → {loss16:.5g}; {summary}", flush=True)
     params = sorted({n for r in per_draw for n in r["params"]})
@@ -150,6 +168,9 @@ def compare(
                 "cosine_median": statistics.median(r["params"][n]["cosine"] for r in per_draw if n in r["params"]),
                 "norm_ratio_min": min(r["params"][n]["norm_ratio"] for r in per_draw if n in r["params"]),
                 "norm_ratio_max": max(r["params"][n]["norm_ratio"] for r in per_draw if n in r["params"]),
+                "seed_cosine_median": statistics.median(
+                    r["seed_params"][n]["cosine"] for r in per_draw if n in r["seed_params"]
+                ),
             }
             for n in params
         },
@@ -170,12 +191,15 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['draws']} draws per row: one `outer_loss` call in a float32 copy and in a bf16 copy of the method, "
         "from the same seeds and set (speed.py's configuration), each draw on its own real batch; nothing stepped. "
         "*Cosine*: of the bf16 meta-gradient with the float32 one; *norm ratio*: bf16 over float32; *loss*: the "
-        "largest relative difference of the outer loss.",
+        "largest relative difference of the outer loss. *Other seed*: the yardstick, the median cosine of the float32 "
+        "meta-gradient with a float32 copy of the method's next seed (other networks, pools, students and draws; "
+        "the same set and real batches): bf16 closer than that moves the step less than the method's own "
+        "randomness does.",
         "",
         *([f"Note: {res['note']}", ""] if res.get("note") else []),
-        "| method | IPC | profile | real batch | meta-parameter | cosine (min / median) | norm ratio (min – max) "
-        "| loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | IPC | profile | real batch | meta-parameter | bf16: cosine (min / median) | bf16: norm ratio "
+        "(min – max) | bf16: loss | other seed: cosine (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         for n, s in r["summary"].items():
@@ -187,8 +211,8 @@ def markdown(res: dict[str, Any]) -> str:
             profile = r["profile"] + "".join(f", {k}={v}" for k, v in r.get("overrides", {}).items())
             lines.append(
                 f"| {r['method']} | {r['ipc']} | {profile} | {r['real_batch']} | `{n}` | {cosine} | "
-                f"{s['norm_ratio_min']:.3f} – "
-                f"{s['norm_ratio_max']:.3f} | {r['loss_rel_diff_max']:.1e} |"
+                f"{s['norm_ratio_min']:.3f} – {s['norm_ratio_max']:.3f} | {r['loss_rel_diff_max']:.1e} | "
+                f"{s['seed_cosine_median']:.4f} |"
             )
     return "\n".join(lines) + "\n"
 

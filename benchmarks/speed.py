@@ -352,10 +352,15 @@ class Configuration:
         profile: str,
         precision: str,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        seed: int | None = None,
     ):
         """``data``: real images and labels to initialise the set from and to draw the real batch from (their first
-        ``batch``); ``None``: random pixels, classes in turn (speed does not depend on pixel values)."""
+        ``batch``); ``None``: random pixels, classes in turn (speed does not depend on pixel values). ``seed``: the
+        method's seed (its networks, pools and draws; the initial set does not depend on it); ``None``: its default."""
         method, batch, built = build(name, ipc, profile, precision)
+        if seed is not None:
+            method.seed = seed
+            method.generator.manual_seed(seed)
         gen = torch.Generator().manual_seed(0)
         n = max(batch, NUM_CLASSES * ipc)  # at least ipc images of every class to initialise the set from
         if data is None:
