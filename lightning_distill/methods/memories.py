@@ -12,8 +12,11 @@ at a time). The gradient is clipped to a global norm and applied by SGD (lr 0.1,
 
 Precision: the network passes (every inner step's forward and backward, the real batch's forward) follow the method's
 precision policy (:mod:`lightning_distill.precision`). The reverse pass rebuilds each step's graph with the same
-``loss_fn``, so under bf16 it differentiates exactly the bf16 computation the forward unroll ran; the weights, their
-snapshots, the momentum buffers and the adjoints ``dw``, ``dv`` and the hyper-gradient stay float32 whatever the policy.
+``loss_fn``, so under bf16 it differentiates the bf16 unroll, but only to bf16 rounding: the unroll's first-order
+gradients take group norm's fused backward kernel and the reverse pass its twice-differentiable form, which round bf16
+activations differently (in float32 the two agree to rounding; ``tests/test_unroll.py`` bounds both). The weights,
+their snapshots, the momentum buffers, the adjoints ``dw``, ``dv`` and the hyper-gradient stay float32 whatever the
+policy.
 """
 
 from __future__ import annotations
