@@ -37,7 +37,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
-from stamp import finish_at, stamp_line, started  # noqa: E402
+from stamp import finish_at, page_head, started  # noqa: E402
 
 #: Datasets whose images are speed.py's "28px grey" input.
 DATASETS = ("mnist", "fashion_mnist")
@@ -182,12 +182,9 @@ def compare(
 
 
 def markdown(res: dict[str, Any]) -> str:
+    title = "bf16 against float32: the same outer steps' meta-gradients"
     lines = [
-        "# bf16 against float32: the same outer steps' meta-gradients",
-        "",
-        f"{stamp_line(res['stamp'])}; device `{res['device']}`, data `{res['data']}`. `python "
-        f"benchmarks/bf16_agreement.py {' '.join(res['argv'])}`.",
-        "",
+        *page_head(title, res, "bf16_agreement.py", f"; device `{res['device']}`, data `{res['data']}`"),
         f"{res['draws']} draws per row: one `outer_loss` call in a float32 copy and in a bf16 copy of the method, "
         "from the same seeds and set (speed.py's configuration), each draw on its own real batch; nothing stepped. "
         "*Cosine*: of the bf16 meta-gradient with the float32 one; *norm ratio*: bf16 over float32; *loss*: the "

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
-from stamp import finish_at, stamp_line, started  # noqa: E402
+from stamp import finish_at, page_head, started  # noqa: E402
 
 METHODS = ("FRePo", "RCIG")  # the methods with a model pool
 
@@ -72,12 +72,9 @@ def compare(name: str, ipc: int, steps: int, device: str, profile: str, precisio
 
 
 def markdown(res: dict[str, Any]) -> str:
+    title = "The pool's online Adam: single-tensor path against the fused kernel"
     lines = [
-        "# The pool's online Adam: single-tensor path against the fused kernel",
-        "",
-        f"{stamp_line(res['stamp'])}; device `{res['device']}`. `python benchmarks/pool_adam.py "
-        f"{' '.join(res['argv'])}`.",
-        "",
+        *page_head(title, res, "pool_adam.py", f"; device `{res['device']}`"),
         f"Whole outer steps (speed.py's configuration, 28 px grey), median of {res['steps']} per variant after a "
         "warm-up, the two variants alternating; *speed-up* is the median ratio of paired steps (single / fused); "
         "*calls*: `aten::` operators dispatched in one more step.",

@@ -24,6 +24,7 @@ __all__ = [
     "save_figure",
     "score_set",
     "stamp",
+    "page_head",
     "stamp_line",
     "trainer_args",
     "write_figure",
@@ -122,6 +123,17 @@ def pm(r: dict[str, Any] | None) -> str:
 def stamp_line(s: dict[str, Any]) -> str:
     """A stamp as one line for a figure: date · hardware · torch · commit."""
     return f"{s['date']} · {s['hardware']} · torch {s['torch']} · {s['commit']}"
+
+
+def page_head(title: str, res: dict[str, Any], script: str, where: str = "") -> list[str]:
+    """The first lines of a script's result page: its title, then its stamp, ``where`` it ran (e.g. ``; device
+    `cpu```) and the command that made it (``res['argv']``, as :func:`started` recorded it)."""
+    return [
+        f"# {title}",
+        "",
+        f"{stamp_line(res['stamp'])}{where}. `python benchmarks/{script} {' '.join(res['argv'])}`.",
+        "",
+    ]
 
 
 def save_figure(fig: Any, path: Path, s: dict[str, Any], bottom: float = 0.04) -> None:
