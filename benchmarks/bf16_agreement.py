@@ -6,16 +6,16 @@ float32 and in bf16, from the same state, compared by cosine and norm ratio.
 
 The unit tests bound the agreement on tiny problems (``tests/test_precision.py``, ``tests/test_unroll.py``); this
 measures it where a recipe runs (speed.py's ``--profile``: ``cpu`` is the CPU recipes' networks, ``official`` the
-papers'), on real images. Per method and IPC two copies are built with speed.py's configuration, one forced to
-float32 and one to bf16, from the same seeds and the same initial set. Each *draw* is one call of ``outer_loss`` in
-each copy on the draw's own real batch (the next ``real batch`` images; their generators advance alike, so both also
-draw the same fresh network, inner batches or augmentation); nothing is stepped, so every draw starts from the same
-set and the same pool. Reported per
-meta-parameter: the cosine between the two gradients and the ratio of their norms (bf16 over float32), and the
-relative difference of the outer loss. The yardstick is a third copy, float32 with the method's next seed (other
-networks, pools, students, draws; the same set and real batches): its cosine with the float32 gradient is how far
-the method's own randomness moves a step. A method whose step trains networks first (APM's students) compares whole
-trainings, where bf16 rounding grows the way a different seed does.
+papers'), on real images. Per method and IPC, three copies are built with speed.py's configuration from the same
+initial set: one forced to float32, one to bf16 with the same seed, and the yardstick, float32 with the method's
+next seed (other networks, pools, students and draws). Each *draw* is one call of ``outer_loss`` in each copy on
+the draw's own real batch (the next ``real batch`` images; the first two copies' generators advance alike, so both
+also draw the same fresh network, inner batches or augmentation); nothing is stepped, so every draw starts from the
+same set and the same pool. Reported per meta-parameter: the cosine of the bf16 gradient with the float32 one, the
+ratio of their norms (bf16 over float32), the relative difference of the outer loss, and the yardstick's cosine with
+the float32 gradient (how far the method's own randomness moves a step). A method whose step trains networks first
+(APM retrains its students in the first call) compares whole trainings, so its bf16 figure includes how far
+rounding moves a training run.
 
 bf16 rounding is the same arithmetic wherever it runs (8 mantissa bits per activation, float32 accumulation), so the
 figures do not need bf16 hardware: on a CPU without AMX or AVX-512 bf16 oneDNN emulates it (slowly). What they
