@@ -154,30 +154,37 @@ def compare(
             for n, v in sorted(last["params"].items())
         )
         print(f"{name} IPC {ipc} draw {d}: loss {loss32:.5g} → {loss16:.5g}; {summary}", flush=True)
-    params = sorted({n for r in per_draw for n in r["params"]})
     return {
         "method": name,
         "ipc": ipc,
         "profile": profile,
         "overrides": dict(overrides or {}),
-        "real_batch": configs["fp32"].batch,
+        "real_batch": batch,
         "draws": per_draw,
-        "summary": {
-            n: {
-                "cosine_min": min(r["params"][n]["cosine"] for r in per_draw if n in r["params"]),
-                "cosine_median": statistics.median(r["params"][n]["cosine"] for r in per_draw if n in r["params"]),
-                "norm_ratio_min": min(r["params"][n]["norm_ratio"] for r in per_draw if n in r["params"]),
-                "norm_ratio_max": max(r["params"][n]["norm_ratio"] for r in per_draw if n in r["params"]),
-                "seed_cosine_median": statistics.median(
-                    r["seed_params"][n]["cosine"] for r in per_draw if n in r["seed_params"]
-                ),
-            }
-            for n in params
-        },
+        "summary": summarise(per_draw),
         # Bitwise equal in every draw: no pass of this outer step runs in bf16 (RCIG's linearised passes and solves
         # are float32 by design; only its pool's training, which no draw steps, follows the policy).
         "identical": all(r["identical"] for r in per_draw),
         "loss_rel_diff_max": max(abs(r["loss_bf16"] - r["loss_fp32"]) / abs(r["loss_fp32"]) for r in per_draw),
+    }
+
+
+def summarise(per_draw: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per meta-parameter over the draws: the bf16 cosine's min and median, the norm ratio's range, and the
+    yardstick's median cosine."""
+
+    def over_draws(key: str, n: str, field: str) -> list[float]:
+        return [r[key][n][field] for r in per_draw if n in r[key]]
+
+    return {
+        n: {
+            "cosine_min": min(over_draws("params", n, "cosine")),
+            "cosine_median": statistics.median(over_draws("params", n, "cosine")),
+            "norm_ratio_min": min(over_draws("params", n, "norm_ratio")),
+            "norm_ratio_max": max(over_draws("params", n, "norm_ratio")),
+            "seed_cosine_median": statistics.median(over_draws("seed_params", n, "cosine")),
+        }
+        for n in sorted({n for r in per_draw for n in r["params"]})
     }
 
 
