@@ -80,6 +80,82 @@ def test_label_margin_only_with_learned_labels():
         assert ("train/label_margin" in logs) == has_margin
 
 
+class _FakePools:
+    """One fixed float64 feature map tanh(x W_idx) per pool member."""
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    def features(self, idx, x, train=False):
+        return torch.tanh(x.flatten(1) @ self.ws[idx])
+
+
+def _members(labels, members, k=3, shape=(1, 4, 4)):
+    """A FRePo drawing ``len(members)`` pool members a step, on three fake members, with ``members`` drawn."""
+    m, x_real, y_real = _method(labels=labels, k=k, shape=shape)
+    gen = torch.Generator().manual_seed(1)
+    d = shape[0] * shape[1] * shape[2]
+    m.pool = _FakePools([torch.randn(d, 12, generator=gen, dtype=torch.float64) / d**0.5 for _ in range(3)])
+    m.members_per_step, m.pool_members = len(members), list(members)
+    return m, x_real, y_real
+
+
+@pytest.mark.parametrize("labels", ["soft", "learned"])
+def test_several_members_average_the_members_regression_losses(labels):
+    """Two members: the mean of each member's own one-member loss, the label-margin term counted once."""
+    x_syn, y_syn = None, None
+    singles = []
+    for idx in (2, 0):
+        m, x_real, y_real = _members(labels, [idx])
+        x_syn, y_syn = m.synthetic()
+        singles.append(m.outer_loss(x_syn, y_syn, x_real, y_real))
+    m, x_real, y_real = _members(labels, [2, 0])
+    both = m.outer_loss(x_syn, y_syn, x_real, y_real)
+    krr = [s.logs["train/krr_loss"] for s in singles]
+    torch.testing.assert_close(both.logs["train/krr_loss"], (krr[0] + krr[1]) / 2)
+    margin = singles[0].loss - krr[0]  # zero unless labels are learned
+    assert (margin != 0) == (labels == "learned")
+    torch.testing.assert_close(both.loss, (krr[0] + krr[1]) / 2 + margin)
+    acc = [s.logs["train/krr_acc"] for s in singles]
+    torch.testing.assert_close(both.logs["train/krr_acc"], (acc[0] + acc[1]) / 2)
+
+
+def test_several_members_meta_gradient_matches_finite_differences():
+    m, x_real, y_real = _members("learned", [1, 2])
+
+    def f(images, labels):
+        return m.outer_loss(images, labels, x_real, y_real).loss
+
+    x0, y0 = (t.detach().clone().requires_grad_() for t in m.synthetic())
+    assert torch.autograd.gradcheck(f, (x0, y0), eps=1e-6, atol=1e-5)
+
+
+def test_members_per_step_checkpoint_round_trip_and_mismatch():
+    m = FRePo(synthetic=PixelSet(ipc=1, num_classes=3, image_shape=(1, 4, 4)), pool_size=3, members_per_step=2)
+    m.pool = _FakePools([None] * 3)
+    m.pool.state_dict = dict  # the pool's own state is ModelPool's to test; here only the members drawn travel
+    m.pool_members = [2, 0]
+    state = m.method_state_dict()
+    assert state["pool_members"] == [2, 0]
+    restored = FRePo(synthetic=PixelSet(ipc=1, num_classes=3, image_shape=(1, 4, 4)), pool_size=3, members_per_step=2)
+    restored._pending_pool_state = state
+    restored.pool = _FakePools([None] * 3)
+    restored.pool.load_state_dict = lambda s: None
+    restored.pool.to = lambda device: restored.pool
+    restored._restore_pool()
+    assert restored.pool_members == [2, 0]
+    # A checkpoint from before members_per_step (one "pool_index") resumes a one-member FRePo ...
+    legacy = FRePo(synthetic=PixelSet(ipc=1, num_classes=3, image_shape=(1, 4, 4)), pool_size=3)
+    legacy.pool = restored.pool
+    legacy._pending_pool_state = {"pool": {}, "pool_index": 1, "fallbacks": 0}
+    legacy._restore_pool()
+    assert legacy.pool_members == [1]
+    # ... and a member count that differs from the checkpoint's says which to pass.
+    restored._pending_pool_state = {"pool": {}, "pool_index": 1, "fallbacks": 0}
+    with pytest.raises(ValueError, match="members_per_step=1"):
+        restored._restore_pool()
+
+
 def _trainer(tmp_path, steps):
     return quiet_trainer(tmp_path, steps)
 
@@ -92,6 +168,19 @@ def test_pool_steps_and_resets_during_training(data_root, tmp_path):
     total_calls = sum(m.pool.step_count(i) + 5 * m.pool.reset_count(i) for i in range(2)) - 1
     assert total_calls == 12
     assert sum(m.pool.reset_count(i) for i in range(2)) >= 1
+    assert m.skipped_steps == 0
+
+
+def test_every_member_drawn_takes_its_online_step(data_root, tmp_path):
+    m = FRePo(
+        synthetic=PixelSet(ipc=1, labels="learned"), arch_kwargs={"width": 4}, pool_size=2, members_per_step=2,
+        max_online_steps=3,
+    )  # fmt: skip
+    _trainer(tmp_path, 12).fit(m, datamodule=tiny_mnist_dm(data_root, batch_size=32))
+    # Both members are drawn every step: 24 online calls, counted as in the test above (model 1 starts at count 1).
+    total_calls = sum(m.pool.step_count(i) + 5 * m.pool.reset_count(i) for i in range(2)) - 1
+    assert total_calls == 24
+    assert sorted(m.pool_members) == [0, 1]
     assert m.skipped_steps == 0
 
 
@@ -115,6 +204,8 @@ def test_bad_arguments():
         FRePo(synthetic=PixelSet(ipc=1), pool_size=0)
     with pytest.raises(ValueError, match="ridge"):
         FRePo(synthetic=PixelSet(ipc=1), ridge=-1.0)
+    with pytest.raises(ValueError, match=r"members_per_step must be between 1 and pool_size \(2\), got 3"):
+        FRePo(synthetic=PixelSet(ipc=1), pool_size=2, members_per_step=3)
 
     with pytest.raises(ValueError, match="group_options names groups this method does not have: temperature"):
         FRePo(

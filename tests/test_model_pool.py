@@ -258,6 +258,21 @@ def test_select_uniform_and_seeded():
     assert counts.min() > 20
 
 
+def test_select_many_draws_distinct_members_and_one_as_select_does():
+    pool = _pool()
+    one = [pool.select(torch.Generator().manual_seed(3))]
+    assert pool.select_many(torch.Generator().manual_seed(3), 1) == one  # same seed, same member sequence
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 5, 10):
+        draw = pool.select_many(g, k)
+        assert len(draw) == k and len(set(draw)) == k and all(0 <= i < 10 for i in draw)
+    twice = [pool.select_many(torch.Generator().manual_seed(7), 4) for _ in range(2)]
+    assert twice[0] == twice[1]
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="distinct members from a pool of 10"):
+            pool.select_many(g, bad)
+
+
 def test_to_device_returns_pool():
     pool = _pool(size=2)
     assert pool.to("cpu") is pool and pool.device == torch.device("cpu")

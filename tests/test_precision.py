@@ -220,8 +220,8 @@ def test_bf16_frepo_meta_gradient_agrees_with_fp32():
 
 def test_bf16_frepo_online_step_keeps_float32_state():
     m, x_real, y_real = _frepo("bf16")
-    before = {k: v.clone() for k, v in m.pool.params(m.pool_index).items()}
-    idx = m.pool_index
+    (idx,) = m.pool_members
+    before = {k: v.clone() for k, v in m.pool.params(idx).items()}
     m.after_outer_step(x_real, y_real)
     params = m.pool.params(idx)
     assert all(p.dtype == torch.float32 for p in params.values())

@@ -41,7 +41,8 @@ KILL_RESUME: dict[str, tuple[str, list[str]]] = {
         "recipes/frepo/mnist_ipc1_cpu_lr3e-3.yaml",
         [
             '--model.init_args.arch_kwargs={"width": 8}',
-            "--model.init_args.pool_size=2",
+            "--model.init_args.pool_size=3",
+            "--model.init_args.members_per_step=2",  # the members drawn for the next step travel in the checkpoint
             "--model.init_args.online_batch=64",
         ],
     ),

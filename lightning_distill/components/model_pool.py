@@ -295,6 +295,28 @@ class ModelPool:
         """
         return int(torch.randint(self.size, (1,), generator=generator).item())
 
+    def select_many(self, generator: torch.Generator, k: int) -> list[int]:
+        """Draw ``k`` distinct member indices uniformly (without replacement).
+
+        ``k == 1`` draws exactly as :meth:`select` does, so a method drawing one member at a time keeps the same
+        sequence of members (and results) for a given seed.
+
+        Args:
+            generator: A CPU ``torch.Generator`` (the method's own, so selection is reproducible).
+            k: How many members, ``1 <= k <= size``.
+
+        Returns:
+            The indices, in the order drawn.
+
+        Raises:
+            ValueError: If ``k`` is outside ``1..size``.
+        """
+        if not 1 <= k <= self.size:
+            raise ValueError(f"cannot draw {k} distinct members from a pool of {self.size}: use 1 to {self.size}")
+        if k == 1:
+            return [self.select(generator)]
+        return torch.randperm(self.size, generator=generator)[:k].tolist()
+
     def step_count(self, idx: int) -> int:
         """Optimiser steps of member ``idx`` since its last reset (plus the staggered offset before the first)."""
         self._check_idx(idx)

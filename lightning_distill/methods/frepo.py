@@ -29,7 +29,9 @@ class FRePo(DistillationMethod):
     (with gradient), solves kernel ridge regression on the linear feature kernel with the trace-relative ridge
     ``ridge * tr(K)/M``, predicts the real labels (centred one-hot), and minimises ``½‖Ŷ - Y‖²`` (plus the
     label-margin term when labels are learned). Then the current pool model takes one Adam step on the synthetic
-    set, and the next pool model is drawn.
+    set, and the next pool model is drawn. With ``members_per_step`` above 1 the step draws that many distinct pool
+    models, averages their regression losses (the label-margin term is added once), and each of them takes its online
+    step.
 
     Args:
         synthetic: the synthetic set (any parameterisation; FRePo learns labels with ``PixelSet(labels="learned",
@@ -37,6 +39,8 @@ class FRePo(DistillationMethod):
         arch: pool network (registry name); FRePo uses ``convnet_frepo`` (doubling widths, BatchNorm before conv).
         arch_kwargs: options of the pool network (e.g. ``width``, ``depth``).
         pool_size: number of online models (FRePo: 10).
+        members_per_step: distinct pool models whose mean regression loss each outer step minimises (FRePo: 1). More
+            members cost that many feature passes a step and lower the meta-gradient's variance over the pool.
         max_online_steps: a model is re-initialised after this many online steps (FRePo: 100).
         online_lr: Adam learning rate of the online models (FRePo: 3e-4).
         online_batch: at most this many synthetic images per online step (FRePo: 1000).
@@ -67,6 +71,7 @@ class FRePo(DistillationMethod):
         arch: str = "convnet_frepo",
         arch_kwargs: dict[str, Any] | None = None,
         pool_size: int = 10,
+        members_per_step: int = 1,
         max_online_steps: int = 100,
         online_lr: float = 3e-4,
         online_batch: int = 1000,
@@ -91,15 +96,20 @@ class FRePo(DistillationMethod):
         )
         if pool_size < 1 or max_online_steps < 1 or online_batch < 1:
             raise ValueError("pool_size, max_online_steps and online_batch must be positive")
+        if not 1 <= members_per_step <= pool_size:
+            raise ValueError(
+                f"members_per_step must be between 1 and pool_size ({pool_size}), got {members_per_step}: a step "
+                "draws that many distinct pool models"
+            )
         if ridge < 0:
             raise ValueError(f"ridge must be non-negative, got {ridge}")
         self.arch, self.arch_kwargs = arch, dict(arch_kwargs or {})
-        self.pool_size, self.max_online_steps = pool_size, max_online_steps
+        self.pool_size, self.members_per_step, self.max_online_steps = pool_size, members_per_step, max_online_steps
         self.online_lr, self.online_batch = online_lr, online_batch
         self.ridge, self.use_flip = ridge, use_flip
         self.compile_features = compile_features
         self.pool: ModelPool | None = None
-        self.pool_index = 0
+        self.pool_members: list[int] = [0]  # the pool models the next outer step regresses on
         self.solver_fallbacks = 0
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -119,7 +129,7 @@ class FRePo(DistillationMethod):
             precision=self.network_precision,
             compile_features=self.compile_features,
         ).to(self.device)
-        self.pool_index = self.pool.select(self.generator)
+        self.pool_members = self.pool.select_many(self.generator, self.members_per_step)
 
     def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         """FRePo's outer optimiser: LAMB at the paper's 3e-4."""
@@ -136,29 +146,32 @@ class FRePo(DistillationMethod):
 
     def outer_loss(self, x_syn: Tensor, y_syn: Tensor, x_real: Tensor, y_real: Tensor) -> MetaStep:
         k = self.synthetic.num_classes
-        idx = self.pool_index
-        with torch.no_grad():
-            feat_t = self.pool.features(idx, x_real)
         y_sup = self.targets(y_syn)
         x_sup = x_syn
         if self.use_flip:
             # The flip trick: mirrored copies join the regression support set (not an augmentation).
             x_sup = torch.cat([x_syn, torch.flip(x_syn, dims=[-1])])
             y_sup = torch.cat([y_sup, y_sup])
-        feat_s = self.pool.features(idx, x_sup)
-        try:
-            pred, info = krr_predict(feat_s, y_sup, feat_t, ridge=self.ridge, relative=True, return_info=True)
-        except torch.linalg.LinAlgError:
-            # Non-finite features or an unsolvable system: the base class skips a non-finite loss and counts it.
-            return MetaStep(torch.full((), float("nan"), device=x_syn.device), {})
-        if info["fallback"]:
-            self.solver_fallbacks += 1
-        y_t = centred_one_hot(y_real, k).to(pred.dtype)
-        krr_loss = half_mse(pred, y_t)
+        y_t = centred_one_hot(y_real, k)
+        losses, accs = [], []
+        for idx in self.pool_members:
+            with torch.no_grad():
+                feat_t = self.pool.features(idx, x_real)
+            feat_s = self.pool.features(idx, x_sup)
+            try:
+                pred, info = krr_predict(feat_s, y_sup, feat_t, ridge=self.ridge, relative=True, return_info=True)
+            except torch.linalg.LinAlgError:
+                # Non-finite features or an unsolvable system: the base class skips a non-finite loss and counts it.
+                return MetaStep(torch.full((), float("nan"), device=x_syn.device), {})
+            if info["fallback"]:
+                self.solver_fallbacks += 1
+            losses.append(half_mse(pred, y_t.to(pred.dtype)))
+            accs.append((pred.argmax(1) == y_real).float().mean())
+        krr_loss = torch.stack(losses).mean()
         loss = krr_loss
         logs: dict[str, float | Tensor] = {
             "train/krr_loss": krr_loss.detach(),
-            "train/krr_acc": (pred.argmax(1) == y_real).float().mean().detach(),
+            "train/krr_acc": torch.stack(accs).mean().detach(),
             "train/solver_fallbacks": float(self.solver_fallbacks),
         }
         if self.synthetic.label_kind == "learned":
@@ -174,15 +187,18 @@ class FRePo(DistillationMethod):
         if len(x_syn) > self.online_batch:
             pick = torch.randperm(len(x_syn), generator=self.generator)[: self.online_batch].to(x_syn.device)
             x_syn, y_t = x_syn[pick], y_t[pick]
-        online_loss = self.pool.train_step(self.pool_index, x_syn, y_t)  # None when the model was re-initialised
-        self.pool_index = self.pool.select(self.generator)
-        return {} if online_loss is None else {"train/online_loss": online_loss}
+        # Each member the step used takes its online step; None is a member that was re-initialised instead.
+        online = [self.pool.train_step(idx, x_syn, y_t) for idx in self.pool_members]
+        self.pool_members = self.pool.select_many(self.generator, self.members_per_step)
+        trained = [loss for loss in online if loss is not None]
+        return {"train/online_loss": sum(trained) / len(trained)} if trained else {}
 
     # ------------------------------------------------------------------------------------ checkpoints
     def method_state_dict(self) -> dict[str, Any]:
         if self.pool is None:
             return {}
-        return {"pool": self.pool.state_dict(), "pool_index": self.pool_index, "fallbacks": self.solver_fallbacks}
+        members = list(self.pool_members)
+        return {"pool": self.pool.state_dict(), "pool_members": members, "fallbacks": self.solver_fallbacks}
 
     def load_method_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -201,5 +217,12 @@ class FRePo(DistillationMethod):
         self.pool.load_state_dict(state["pool"])
         self.pool.to(self.device)
         self.pool.precision = self.network_precision  # resolved for the device the pool now computes on
-        self.pool_index, self.solver_fallbacks = state["pool_index"], state["fallbacks"]
+        # Checkpoints made before members_per_step stored one index as "pool_index".
+        members = state["pool_members"] if "pool_members" in state else [state["pool_index"]]
+        if len(members) != self.members_per_step:
+            raise ValueError(
+                f"the checkpoint's FRePo drew {len(members)} pool member(s) per step and this one "
+                f"{self.members_per_step}: resume with --model.init_args.members_per_step={len(members)}"
+            )
+        self.pool_members, self.solver_fallbacks = [int(i) for i in members], state["fallbacks"]
         self._pending_pool_state = None
