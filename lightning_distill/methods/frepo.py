@@ -39,8 +39,9 @@ class FRePo(DistillationMethod):
         arch: pool network (registry name); FRePo uses ``convnet_frepo`` (doubling widths, BatchNorm before conv).
         arch_kwargs: options of the pool network (e.g. ``width``, ``depth``).
         pool_size: number of online models (FRePo: 10).
-        members_per_step: distinct pool models whose mean regression loss each outer step minimises (FRePo: 1). More
-            members cost that many feature passes a step and lower the meta-gradient's variance over the pool.
+        members_per_step: distinct pool models whose mean regression loss each outer step minimises (FRePo: 1). Each
+            member adds a feature pass of the real batch and of the synthetic set (whose graph the backward pass
+            keeps) and an online step; in return the meta-gradient averages over that many pool models.
         max_online_steps: a model is re-initialised after this many online steps (FRePo: 100).
         online_lr: Adam learning rate of the online models (FRePo: 3e-4).
         online_batch: at most this many synthetic images per online step (FRePo: 1000).
