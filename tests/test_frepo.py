@@ -103,7 +103,6 @@ def _members(labels, members, k=3, shape=(1, 4, 4)):
 @pytest.mark.parametrize("labels", ["soft", "learned"])
 def test_several_members_average_the_members_regression_losses(labels):
     """Two members: the mean of each member's own one-member loss, the label-margin term counted once."""
-    x_syn, y_syn = None, None
     singles = []
     for idx in (2, 0):
         m, x_real, y_real = _members(labels, [idx])
@@ -130,30 +129,31 @@ def test_several_members_meta_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(f, (x0, y0), eps=1e-6, atol=1e-5)
 
 
+def _set_up(members_per_step, seed=0):
+    m = FRePo(
+        synthetic=PixelSet(ipc=1, num_classes=3, image_shape=(1, 8, 8)), arch_kwargs={"width": 4}, pool_size=3,
+        members_per_step=members_per_step, seed=seed,
+    )  # fmt: skip
+    m.setup_method(None)  # builds the pool and draws the first members (it needs no data)
+    return m
+
+
 def test_members_per_step_checkpoint_round_trip_and_mismatch():
-    m = FRePo(synthetic=PixelSet(ipc=1, num_classes=3, image_shape=(1, 4, 4)), pool_size=3, members_per_step=2)
-    m.pool = _FakePools([None] * 3)
-    m.pool.state_dict = dict  # the pool's own state is ModelPool's to test; here only the members drawn travel
+    m = _set_up(2)
     m.pool_members = [2, 0]
     state = m.method_state_dict()
     assert state["pool_members"] == [2, 0]
-    restored = FRePo(synthetic=PixelSet(ipc=1, num_classes=3, image_shape=(1, 4, 4)), pool_size=3, members_per_step=2)
-    restored._pending_pool_state = state
-    restored.pool = _FakePools([None] * 3)
-    restored.pool.load_state_dict = lambda s: None
-    restored.pool.to = lambda device: restored.pool
-    restored._restore_pool()
+    restored = _set_up(2, seed=1)
+    restored.load_method_state_dict(state)
     assert restored.pool_members == [2, 0]
     # A checkpoint from before members_per_step (one "pool_index") resumes a one-member FRePo ...
-    legacy = FRePo(synthetic=PixelSet(ipc=1, num_classes=3, image_shape=(1, 4, 4)), pool_size=3)
-    legacy.pool = restored.pool
-    legacy._pending_pool_state = {"pool": {}, "pool_index": 1, "fallbacks": 0}
-    legacy._restore_pool()
-    assert legacy.pool_members == [1]
+    legacy = {k: v for k, v in state.items() if k != "pool_members"} | {"pool_index": 1}
+    one = _set_up(1)
+    one.load_method_state_dict(legacy)
+    assert one.pool_members == [1]
     # ... and a member count that differs from the checkpoint's says which to pass.
-    restored._pending_pool_state = {"pool": {}, "pool_index": 1, "fallbacks": 0}
-    with pytest.raises(ValueError, match="members_per_step=1"):
-        restored._restore_pool()
+    with pytest.raises(ValueError, match="drew 1 pool member.* and this one 2: resume with .*members_per_step=1"):
+        _set_up(2).load_method_state_dict(legacy)
 
 
 def _trainer(tmp_path, steps):
