@@ -12,13 +12,13 @@ from tests.helpers import quiet_trainer, tiny_mnist_dm
 
 
 class _FakePool:
-    """A fixed float64 feature map tanh(x W) standing in for a pool network."""
+    """Fixed float64 feature maps tanh(x W_idx) standing in for the pool's networks, one per member."""
 
-    def __init__(self, w):
-        self.w = w
+    def __init__(self, ws):
+        self.ws = ws
 
     def features(self, idx, x, train=False):
-        return torch.tanh(x.flatten(1) @ self.w)
+        return torch.tanh(x.flatten(1) @ self.ws[idx])
 
 
 def _method(labels="learned", use_flip=False, k=3, ipc=2, shape=(1, 4, 4)):
@@ -28,7 +28,7 @@ def _method(labels="learned", use_flip=False, k=3, ipc=2, shape=(1, 4, 4)):
     with torch.no_grad():
         m.synthetic.images.copy_(torch.randn(m.synthetic.images.shape, generator=gen, dtype=torch.float64))
     d = shape[0] * shape[1] * shape[2]
-    m.pool = _FakePool(torch.randn(d, 12, generator=gen, dtype=torch.float64) / d**0.5)
+    m.pool = _FakePool([torch.randn(d, 12, generator=gen, dtype=torch.float64) / d**0.5])  # member 0 only
     x_real = torch.randn(20, *shape, generator=gen, dtype=torch.float64)
     y_real = torch.randint(0, k, (20,), generator=gen)
     return m, x_real, y_real
@@ -80,22 +80,12 @@ def test_label_margin_only_with_learned_labels():
         assert ("train/label_margin" in logs) == has_margin
 
 
-class _FakePools:
-    """One fixed float64 feature map tanh(x W_idx) per pool member."""
-
-    def __init__(self, ws):
-        self.ws = ws
-
-    def features(self, idx, x, train=False):
-        return torch.tanh(x.flatten(1) @ self.ws[idx])
-
-
 def _members(labels, members, k=3, shape=(1, 4, 4)):
     """A FRePo drawing ``len(members)`` pool members a step, on three fake members, with ``members`` drawn."""
     m, x_real, y_real = _method(labels=labels, k=k, shape=shape)
     gen = torch.Generator().manual_seed(1)
     d = shape[0] * shape[1] * shape[2]
-    m.pool = _FakePools([torch.randn(d, 12, generator=gen, dtype=torch.float64) / d**0.5 for _ in range(3)])
+    m.pool = _FakePool([torch.randn(d, 12, generator=gen, dtype=torch.float64) / d**0.5 for _ in range(3)])
     m.members_per_step, m.pool_members = len(members), list(members)
     return m, x_real, y_real
 
